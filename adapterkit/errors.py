@@ -1,0 +1,103 @@
+"""Every error adapterkit raises, in one place.
+
+The CLI turns any :class:`AdapterkitError` into a one-line message and exit code 1, so each
+message must stand on its own: name the file, the field or the reference that is at fault.
+
+    AdapterkitError
+    ├── InvalidInputError            bad input from the user, before anything is written
+    │   ├── AdapterFormatError       an adapter folder, config or weights file adapterkit cannot read
+    │   │   └── UnsupportedAdapterError   a valid PEFT file of a kind adapterkit refuses (IA3, DoRA maths, ...)
+    │   ├── SchemaValidationError    a document fails schemas/*.schema.json
+    │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
+    │   └── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
+    ├── StoreError                   the local store
+    │   ├── ReferenceNotFoundError   no ref, digest or prefix of that name
+    │   ├── AmbiguousReferenceError  a digest prefix that matches several adapters
+    │   ├── RefConflictError         a compare-and-swap ref update lost a race
+    │   ├── IntegrityError           stored bytes do not match their digest or size
+    │   └── StoreLockedError         a lock could not be taken in time
+    └── PluginError                  a plugin failed to load or clashes with another
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterkitError",
+    "AmbiguousReferenceError",
+    "BaseModelError",
+    "IntegrityError",
+    "InvalidInputError",
+    "InvalidReferenceError",
+    "PluginError",
+    "RefConflictError",
+    "ReferenceNotFoundError",
+    "SchemaValidationError",
+    "StoreError",
+    "StoreLockedError",
+    "UnsupportedAdapterError",
+]
+
+
+class AdapterkitError(Exception):
+    """Root of every error adapterkit raises on purpose."""
+
+
+class InvalidInputError(AdapterkitError):
+    """Input the user gave cannot be used; nothing was written."""
+
+
+class AdapterFormatError(InvalidInputError):
+    """An adapter folder, config or weights file is malformed or inconsistent."""
+
+
+class UnsupportedAdapterError(AdapterFormatError):
+    """A well-formed PEFT adapter of a kind adapterkit cannot represent faithfully."""
+
+
+class SchemaValidationError(InvalidInputError):
+    """A JSON document does not match its schema."""
+
+    def __init__(self, message: str, *, source: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.field = field
+
+
+class InvalidReferenceError(InvalidInputError):
+    """A reference (name, tag, digest) breaks the naming rules."""
+
+
+class BaseModelError(InvalidInputError):
+    """A base-model folder cannot be read, or an adapter does not fit it."""
+
+
+class StoreError(AdapterkitError):
+    """Something about the local store itself."""
+
+
+class ReferenceNotFoundError(StoreError, KeyError):
+    """No adapter answers to this reference."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AmbiguousReferenceError(StoreError):
+    """A digest prefix matches more than one adapter."""
+
+
+class RefConflictError(StoreError):
+    """A ref moved between reading it and updating it (compare-and-swap failed)."""
+
+
+class IntegrityError(StoreError):
+    """Stored bytes do not hash to their name, or their size is wrong."""
+
+
+class StoreLockedError(StoreError):
+    """A store lock could not be acquired within the timeout."""
+
+
+class PluginError(AdapterkitError):
+    """A plugin could not be loaded, or two plugins claim the same name."""

@@ -1,0 +1,138 @@
+"""Base-model fingerprints read from safetensors headers.
+
+``structure_digest`` hashes the sorted (tensor name, dtype, shape) list: it is instant for any
+model size (only headers are read) and the same however the model is sharded, which is exactly
+what decides whether an adapter fits a base. ``content_digest`` additionally hashes every
+tensor's bytes, for when "the same architecture" is not enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterkit.errors import AdapterFormatError, BaseModelError
+from adapterkit.safetensors_io import Header, read_header
+
+__all__ = ["BaseFingerprint", "base_weight_key", "fingerprint", "read_base_headers"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """What adapterkit knows of a base model from its safetensors files."""
+
+    structure_digest: str
+    #: tensor name -> (dtype, shape), across all shards.
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    content_digest: str | None = None
+
+
+def read_base_headers(base_dir: str | os.PathLike[str]) -> dict[Path, Header]:
+    """The header of every safetensors shard of the model in ``base_dir``."""
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise BaseModelError(f"{base}: not a directory (expected a model folder)")
+    index_path = base / INDEX_NAME
+    if index_path.is_file():
+        shards = _shards_from_index(index_path)
+    elif (base / SINGLE_NAME).is_file():
+        shards = {SINGLE_NAME: None}
+    else:
+        found = sorted(p.name for p in base.glob("*.safetensors"))
+        if not found:
+            raise BaseModelError(
+                f"{base}: no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}); re-save the model with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        shards = dict.fromkeys(found)
+    headers: dict[Path, Header] = {}
+    owner: dict[str, str] = {}
+    for shard, expected in shards.items():
+        path = base / shard
+        if not path.is_file():
+            raise BaseModelError(f"{index_path}: lists shard {shard!r}, which is missing")
+        try:
+            header = read_header(path)
+        except AdapterFormatError as exc:
+            raise BaseModelError(str(exc)) from None
+        for name in header.tensors:
+            if name in owner:
+                raise BaseModelError(f"{base}: tensor {name!r} is in both {owner[name]} and {shard}")
+            owner[name] = shard
+        if expected is not None and set(header.tensors) != expected:
+            raise BaseModelError(f"{index_path}: weight_map does not match the tensors in {shard}")
+        headers[path] = header
+    return headers
+
+
+def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise BaseModelError(f"{index_path}: not a safetensors index (no weight_map object)") from None
+    shards: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+            raise BaseModelError(f"{index_path}: tensor {tensor!r} maps to an invalid shard name {shard!r}")
+        shards.setdefault(shard, set()).add(tensor)
+    return dict(sorted(shards.items()))
+
+
+def _digest(items: list[list[object]]) -> str:
+    raw = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def fingerprint(base_dir: str | os.PathLike[str], *, content: bool = False) -> BaseFingerprint:
+    """Fingerprint the model in ``base_dir``; ``content=True`` also hashes every tensor's bytes."""
+    headers = read_base_headers(base_dir)
+    tensors = {
+        name: (info.dtype, info.shape) for header in headers.values() for name, info in header.tensors.items()
+    }
+    structure = _digest([[name, dtype, list(shape)] for name, (dtype, shape) in sorted(tensors.items())])
+    content_digest = None
+    if content:
+        rows = []
+        for path, header in headers.items():
+            with path.open("rb") as fh:
+                for name, info in header.tensors.items():
+                    fh.seek(header.data_start + info.begin)
+                    hasher = hashlib.sha256()
+                    remaining = info.nbytes
+                    while remaining:
+                        chunk = fh.read(min(_CHUNK, remaining))
+                        if not chunk:
+                            raise BaseModelError(f"{path}: truncated while hashing {name!r}")
+                        hasher.update(chunk)
+                        remaining -= len(chunk)
+                    rows.append([name, info.dtype, list(info.shape), hasher.hexdigest()])
+        content_digest = _digest(sorted(rows))
+    return BaseFingerprint(structure_digest=structure, tensors=tensors, content_digest=content_digest)
+
+
+def base_weight_key(module: str, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str | None:
+    """The base tensor that LoRA module ``module`` changes, or None when there is none.
+
+    PEFT names modules by their path in the model it wrapped (``model.layers.0.q_proj`` for a
+    causal LM), while the base may have been saved with or without the task head's wrapper, so
+    the module path may carry one leading component more or fewer than the tensor names.
+    """
+    candidates = [f"{module}.weight"]
+    head, _, rest = module.partition(".")
+    if rest:
+        candidates.append(f"{rest}.weight")
+    for candidate in candidates:
+        if candidate in tensors:
+            return candidate
+    suffix = f".{module}.weight"
+    matches = [name for name in tensors if name.endswith(suffix)]
+    return matches[0] if len(matches) == 1 else None

@@ -1,0 +1,138 @@
+"""The adapter in memory: LoRA factors per module, with the scaling PEFT would give them.
+
+Pure tensor maths, no files. A module's weight change is ``scaling * B @ A`` laid out like the
+base weight it changes (transposed for embeddings and GPT-2 style ``fan_in_fan_out`` layers,
+reshaped for convolutions). What a LoRA cannot express (DoRA magnitudes, ``modules_to_save``
+copies, trainable tokens) rides along in :attr:`Adapter.extra_tensors`, untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
+from adapterkit.lora_config import (
+    DELTA_CHANGING_FIELDS,
+    KEY_PREFIX,
+    ModuleSpec,
+    carried_features,
+    describe_modules,
+    validate_lora_config,
+)
+
+__all__ = ["TORCH_DTYPES", "Adapter", "LoraModule"]
+
+#: safetensors dtype names for the torch dtypes adapters use.
+TORCH_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def dtype_name(tensor: torch.Tensor, key: str) -> str:
+    try:
+        return TORCH_DTYPES[tensor.dtype]
+    except KeyError:
+        raise AdapterFormatError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot hold") from None
+
+
+@dataclass
+class LoraModule:
+    """One module's factors: A is (r, in, *kernel), B is (out, r, *ones)."""
+
+    spec: ModuleSpec
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def scaling(self) -> float:
+        return self.spec.scaling
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``scaling * B @ A`` in ``dtype``, shaped like the base weight."""
+        a = self.A.to(dtype).flatten(1)
+        b = self.B.to(dtype).flatten(1)
+        product = (b @ a) * self.spec.scaling
+        if self.spec.kind == "embedding" or self.spec.fan_in_fan_out:
+            return product.T
+        return product.reshape(self.spec.base_shape)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: its PEFT config, its modules and whatever else its weights file held."""
+
+    config: dict[str, Any]
+    modules: dict[str, LoraModule]
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    key_prefix: str = KEY_PREFIX
+    #: adapterkit's metadata document when the adapter came from a store (base, lineage, ...).
+    metadata: dict[str, Any] | None = None
+    digest: str | None = None
+
+    @classmethod
+    def from_state_dict(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str = "adapter"
+    ) -> Adapter:
+        """Build an adapter from a PEFT config and the tensors of its weights file."""
+        validate_lora_config(config, source)
+        shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}
+        specs, extras, prefix = describe_modules(config, shapes, source)
+        modules = {
+            spec.name: LoraModule(spec, tensors[spec.a_key(prefix)], tensors[spec.b_key(prefix)]) for spec in specs
+        }
+        return cls(
+            config=dict(config),
+            modules=modules,
+            extra_tensors={key: tensors[key] for key in extras},
+            key_prefix=prefix,
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor under the key PEFT saves it as."""
+        out = dict(self.extra_tensors)
+        for module in self.modules.values():
+            out[module.spec.a_key(self.key_prefix)] = module.A
+            out[module.spec.b_key(self.key_prefix)] = module.B
+        return out
+
+    @property
+    def carried(self) -> list[str]:
+        """Config fields this adapter sets that adapterkit carries through without interpreting."""
+        return carried_features(self.config)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters in the LoRA factors (extra tensors not counted)."""
+        return sum(module.spec.num_parameters for module in self.modules.values())
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The change module ``name`` makes to its base weight, shaped like that weight."""
+        blocking = [f for f in DELTA_CHANGING_FIELDS if self.config.get(f)]
+        if blocking:
+            raise UnsupportedAdapterError(
+                f"the weight change of this adapter is not scaling * B @ A (field {blocking[0]!r} is set)"
+            )
+        try:
+            module = self.modules[name]
+        except KeyError:
+            raise KeyError(f"adapter has no LoRA module {name!r}") from None
+        return module.delta(dtype)

@@ -1,0 +1,226 @@
+"""safetensors headers and canonical bytes, without torch.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the raw
+tensor bytes. Everything the registry needs (names, dtypes, shapes, a canonical re-serialisation)
+lives in that header, so reading it with the standard library keeps registry commands fast and
+free of torch. Every length in the header is checked against the file before it is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterkit.errors import AdapterFormatError
+
+__all__ = [
+    "CANONICAL_METADATA",
+    "DTYPE_SIZES",
+    "MAX_HEADER_BYTES",
+    "Header",
+    "TensorInfo",
+    "canonical_header",
+    "iter_canonical_bytes",
+    "parse_header",
+    "read_header",
+    "serialize",
+]
+
+#: Bytes per element of every dtype safetensors defines with a whole-byte width.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+#: Headers larger than this are refused before being read (the Rust reader's own limit).
+MAX_HEADER_BYTES = 100_000_000
+CANONICAL_METADATA = {"format": "pt"}
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie, relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+    @property
+    def data_bytes(self) -> int:
+        return max((t.end for t in self.tensors.values()), default=0)
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def parse_header(raw: bytes, *, data_size: int, source: str) -> Header:
+    """Validate the JSON header ``raw`` against a data section of ``data_size`` bytes."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterFormatError(f"{source}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise AdapterFormatError(f"{source}: safetensors header is not a JSON object")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise AdapterFormatError(f"{source}: safetensors __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in doc.items():
+        tensors[name] = _tensor_info(name, entry, source)
+    covered = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != covered:
+            raise AdapterFormatError(
+                f"{source}: tensor {info.name!r} starts at byte {info.begin}, expected {covered} "
+                "(overlapping or missing data)"
+            )
+        covered = info.end
+    if covered != data_size:
+        raise AdapterFormatError(
+            f"{source}: header describes {covered} bytes of tensor data but the file holds {data_size} "
+            "(truncated or padded file)"
+        )
+    return Header(tensors=tensors, metadata=dict(metadata), data_start=8 + len(raw))
+
+
+def _tensor_info(name: str, entry: object, source: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise AdapterFormatError(f"{source}: tensor {name!r} has no dtype/shape/data_offsets entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise AdapterFormatError(f"{source}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise AdapterFormatError(f"{source}: tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise AdapterFormatError(f"{source}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    if info.nbytes != info.numel * DTYPE_SIZES[dtype]:
+        raise AdapterFormatError(
+            f"{source}: tensor {name!r} spans {info.nbytes} bytes but {dtype}{list(shape)} needs "
+            f"{info.numel * DTYPE_SIZES[dtype]}"
+        )
+    return info
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of the safetensors file at ``path`` (the data is not read)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise AdapterFormatError(f"{source}: not a safetensors file ({size} bytes, too short)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise AdapterFormatError(
+                    f"{source}: safetensors header claims {length} bytes but the file holds {size}"
+                )
+            raw = fh.read(length)
+    except OSError as exc:
+        raise AdapterFormatError(f"{source}: cannot read ({exc.strerror})") from None
+    return parse_header(raw, data_size=size - 8 - length, source=source)
+
+
+def canonical_header(infos: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[bytes, dict[str, int]]:
+    """The canonical header for tensors ``name -> (dtype, shape)``, and each tensor's data offset.
+
+    Canonical means: tensors sorted by name and laid out in that order, metadata exactly
+    ``{"format": "pt"}``, compact JSON with sorted keys, padded with spaces to a multiple of 8
+    bytes (as the Rust writer does, so tensor data stays aligned). The same tensors therefore
+    always give the same bytes, whoever wrote the original file.
+    """
+    doc: dict[str, object] = {"__metadata__": CANONICAL_METADATA}
+    offsets: dict[str, int] = {}
+    position = 0
+    for name in sorted(infos):
+        dtype, shape = infos[name]
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+        offsets[name] = position
+        position += nbytes
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def iter_canonical_bytes(path: str | os.PathLike[str], header: Header) -> Iterator[bytes]:
+    """Stream the canonical form of the safetensors file at ``path`` in chunks."""
+    prefix, _ = canonical_header({t.name: (t.dtype, t.shape) for t in header.tensors.values()})
+    yield prefix
+    with Path(path).open("rb") as fh:
+        for name in sorted(header.tensors):
+            info = header.tensors[name]
+            fh.seek(header.data_start + info.begin)
+            remaining = info.nbytes
+            while remaining:
+                chunk = fh.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise AdapterFormatError(f"{path}: file changed while it was being read")
+                remaining -= len(chunk)
+                yield chunk
+
+
+def serialize(tensors: Mapping[str, tuple[str, tuple[int, ...], bytes]]) -> bytes:
+    """Canonical safetensors bytes for in-memory tensors ``name -> (dtype, shape, raw bytes)``."""
+    prefix, _ = canonical_header({name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()})
+    parts = [prefix]
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        if len(data) != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise AdapterFormatError(f"tensor {name!r}: {len(data)} bytes do not fit {dtype}{list(shape)}")
+        parts.append(data)
+    return b"".join(parts)
