@@ -1,3 +1,81 @@
-"""adapterkit: a registry and toolkit for LoRA adapters."""
+"""adapterkit: a content-addressed registry and toolkit for LoRA adapters.
+
+The names that need torch (:class:`Adapter`, :func:`read_adapter`, :func:`write_adapter`) are
+imported on first use, so that registry work (``Store``, the CLI's ``list``) never pays for
+importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+from adapterkit.errors import (
+    AdapterFormatError,
+    AdapterkitError,
+    AmbiguousReferenceError,
+    BaseModelError,
+    IntegrityError,
+    InvalidInputError,
+    InvalidReferenceError,
+    PluginError,
+    RefConflictError,
+    ReferenceNotFoundError,
+    SchemaValidationError,
+    StoreError,
+    StoreLockedError,
+    UnsupportedAdapterError,
+)
+from adapterkit.fingerprint import BaseFingerprint, fingerprint
+from adapterkit.store import AddResult, GcReport, Store, VerifyReport
+
+if TYPE_CHECKING:
+    from adapterkit.lora import Adapter, LoraModule
+    from adapterkit.peft_io import read_adapter, write_adapter
+
+__all__ = [
+    "AdapterFormatError",
+    "Adapter",
+    "AdapterkitError",
+    "AddResult",
+    "AmbiguousReferenceError",
+    "BaseFingerprint",
+    "BaseModelError",
+    "GcReport",
+    "IntegrityError",
+    "InvalidInputError",
+    "InvalidReferenceError",
+    "LoraModule",
+    "PluginError",
+    "RefConflictError",
+    "ReferenceNotFoundError",
+    "SchemaValidationError",
+    "Store",
+    "StoreError",
+    "StoreLockedError",
+    "UnsupportedAdapterError",
+    "VerifyReport",
+    "__version__",
+    "fingerprint",
+    "read_adapter",
+    "write_adapter",
+]
+
+_LAZY = {
+    "Adapter": "adapterkit.lora",
+    "LoraModule": "adapterkit.lora",
+    "read_adapter": "adapterkit.peft_io",
+    "write_adapter": "adapterkit.peft_io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -95,9 +95,7 @@ def _digest(items: list[list[object]]) -> str:
 def fingerprint(base_dir: str | os.PathLike[str], *, content: bool = False) -> BaseFingerprint:
     """Fingerprint the model in ``base_dir``; ``content=True`` also hashes every tensor's bytes."""
     headers = read_base_headers(base_dir)
-    tensors = {
-        name: (info.dtype, info.shape) for header in headers.values() for name, info in header.tensors.items()
-    }
+    tensors = {name: (info.dtype, info.shape) for header in headers.values() for name, info in header.tensors.items()}
     structure = _digest([[name, dtype, list(shape)] for name, (dtype, shape) in sorted(tensors.items())])
     content_digest = None
     if content:

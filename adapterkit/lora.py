@@ -16,10 +16,10 @@ import torch
 
 from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adapterkit.lora_config import (
-    DELTA_CHANGING_FIELDS,
     KEY_PREFIX,
     ModuleSpec,
     carried_features,
+    delta_blockers,
     describe_modules,
     validate_lora_config,
 )
@@ -41,6 +41,10 @@ TORCH_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+# Unsigned wide integers arrived in torch 2.3; safetensors.torch loads U16/U32/U64 into them.
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        TORCH_DTYPES[getattr(torch, _name)] = _code
 
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
@@ -126,10 +130,13 @@ class Adapter:
 
     def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The change module ``name`` makes to its base weight, shaped like that weight."""
-        blocking = [f for f in DELTA_CHANGING_FIELDS if self.config.get(f)]
+        blocking = delta_blockers(self.config)
         if blocking:
+            value = repr(self.config[blocking[0]])
+            value = value if len(value) <= 40 else value[:37] + "..."
             raise UnsupportedAdapterError(
-                f"the weight change of this adapter is not scaling * B @ A (field {blocking[0]!r} is set)"
+                f"the weight change of this adapter is not scaling * B @ A (field {blocking[0]!r} is {value}); "
+                "it can be stored and exported, but not composed or merged"
             )
         try:
             module = self.modules[name]

@@ -24,10 +24,12 @@ __all__ = [
     "KEY_PREFIX",
     "ModuleSpec",
     "carried_features",
+    "delta_blockers",
     "describe_modules",
     "load_config_json",
     "parse_key",
     "resolve_rank_alpha",
+    "rewrites_base",
     "scaling_for",
     "validate_lora_config",
 ]
@@ -43,6 +45,7 @@ _SUFFIXES: tuple[tuple[str, str, bool], ...] = (
 _NON_LORA_TYPES = ("IA3", "LOHA", "LOKR", "ADALORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "OFT", "BOFT")
 #: Config fields under which a module's weight change is no longer ``scaling * B @ A``. Adapters that
 #: set them are stored and exported unchanged, but their deltas are refused rather than guessed.
+#: (``use_qalora`` gives lora_A a pooled input of ``in / qalora_group_size`` features on GPTQ layers.)
 DELTA_CHANGING_FIELDS = (
     "use_dora",
     "lora_bias",
@@ -51,7 +54,13 @@ DELTA_CHANGING_FIELDS = (
     "kasa_config",
     "use_bdlora",
     "monteclora_config",
+    "use_qalora",
 )
+#: ``init_lora_weights`` values under which PEFT rewrites the *base* weights when it loads the adapter
+#: (``PeftModel.from_pretrained`` runs the init again: PiSSA/CorDA/OLoRA/LoRA-GA subtract the initial
+#: factors from the base, LoftQ replaces it with a quantised residual). The effective change to the original
+#: base is then ``scaling * B @ A`` minus something adapterkit cannot know, so deltas are refused.
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 #: Fields that bring tensors or structure beyond the LoRA factors; carried through unchanged.
 _CARRIED_FIELDS = ("modules_to_save", "trainable_token_indices", "layer_replication", *DELTA_CHANGING_FIELDS)
 
@@ -77,14 +86,14 @@ def validate_lora_config(config: Mapping[str, Any], source: str) -> None:
     if peft_type != "LORA":
         kind = "a non-LoRA PEFT type" if peft_type in _NON_LORA_TYPES else "not a PEFT type adapterkit knows"
         raise UnsupportedAdapterError(
-            f"{source}: field 'peft_type' is {peft_type!r} ({kind}); adapterkit handles LoRA adapters only"
+            f"{source}: field 'peft_type' is {_short(peft_type)} ({kind}); adapterkit handles LoRA adapters only"
         )
     r = config.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterFormatError(f"{source}: field 'r' must be a positive integer, got {r!r}")
+        raise AdapterFormatError(f"{source}: field 'r' must be a positive integer, got {_short(r)}")
     alpha = config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise AdapterFormatError(f"{source}: field 'lora_alpha' must be a number, got {alpha!r}")
+        raise AdapterFormatError(f"{source}: field 'lora_alpha' must be a number, got {_short(alpha)}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise AdapterFormatError(f"{source}: field 'use_rslora' must be true or false")
     for field, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
@@ -92,22 +101,33 @@ def validate_lora_config(config: Mapping[str, Any], source: str) -> None:
         if not isinstance(pattern, dict):
             raise AdapterFormatError(f"{source}: field {field!r} must be an object")
         for key, value in pattern.items():
-            ok = isinstance(value, int) and value >= 1 if kind == "rank" else isinstance(value, int | float)
+            if kind == "rank":
+                ok = isinstance(value, int) and value >= 1
+            else:
+                ok = isinstance(value, int | float) and math.isfinite(value)
             if isinstance(value, bool) or not ok:
                 raise AdapterFormatError(
-                    f"{source}: field '{field}.{key}' must be a positive {'integer' if kind == 'rank' else 'number'}"
-                    f", got {json.dumps(value)[:60]}"
+                    f"{source}: field '{field}' key {_short(key)} must map to a "
+                    f"{'positive integer' if kind == 'rank' else 'finite number'}, got {_short(value)}"
                 )
             try:
                 re.compile(key)
-            except re.error as exc:
-                raise AdapterFormatError(f"{source}: field '{field}' key {key!r} is not a valid regex ({exc})") from None
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise AdapterFormatError(
+                    f"{source}: field '{field}' key {_short(key)} is not a valid regex ({exc})"
+                ) from None
     if config.get("target_parameters"):
         raise UnsupportedAdapterError(
             f"{source}: field 'target_parameters' (LoRA on bare nn.Parameter tensors) is not supported"
         )
     if config.get("fan_in_fan_out") not in (None, True, False):
         raise AdapterFormatError(f"{source}: field 'fan_in_fan_out' must be true or false")
+
+
+def _short(value: Any) -> str:
+    """``value`` for an error message: JSON (so one line, as it appears in the file), cut to a readable length."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _pattern_key(pattern_keys: Any, module: str) -> str | None:
@@ -285,6 +305,23 @@ def describe_modules(
     return modules, sorted(extras), prefixes.pop()
 
 
+def rewrites_base(config: Mapping[str, Any]) -> bool:
+    """Whether PEFT changes the base weights themselves when it loads this adapter (see ``init_lora_weights``)."""
+    init = config.get("init_lora_weights")
+    return isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS)
+
+
+def delta_blockers(config: Mapping[str, Any]) -> list[str]:
+    """The config fields that make a module's weight change something other than ``scaling * B @ A``."""
+    fields = [field for field in DELTA_CHANGING_FIELDS if config.get(field)]
+    if rewrites_base(config):
+        fields.append("init_lora_weights")
+    return fields
+
+
 def carried_features(config: Mapping[str, Any]) -> list[str]:
     """Config fields set to something adapterkit carries through rather than interprets."""
-    return [field for field in _CARRIED_FIELDS if config.get(field)]
+    fields = [field for field in _CARRIED_FIELDS if config.get(field)]
+    if rewrites_base(config):
+        fields.append("init_lora_weights")
+    return fields

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,11 @@ def open_folder(path: str | os.PathLike[str]) -> AdapterFolder:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFormatError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
-    config = load_config_json(config_path.read_bytes(), str(config_path))
+    try:
+        data = config_path.read_bytes()
+    except OSError as exc:
+        raise AdapterFormatError(f"{config_path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    config = load_config_json(data, str(config_path))
     validate_lora_config(config, str(config_path))
     readme = folder / README_NAME
     safetensors_path = folder / WEIGHTS_NAME
@@ -101,22 +106,50 @@ def _file(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def _one_line(text: str, limit: int = 160) -> str:
+    """The informative line of a library error, without terminal escapes, cut to ``limit`` characters."""
+    # torch's weights_only refusal wraps the reason ("Unsupported operand 149", "Trying to load unsupported
+    # GLOBAL posix.system ...") in boilerplate about its defaults and documentation; keep only the reason.
+    lines = []
+    for line in text.splitlines():
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if line and not line.startswith(("Weights only load failed", "Check the documentation")):
+            lines.append(line)
+    chosen = lines[0] if lines else text.strip().split("\n", 1)[0]
+    chosen = re.sub(r"\x1b\[[0-9;]*m", "", chosen)
+    chosen = "".join(ch if ch.isprintable() else " " for ch in chosen)
+    return chosen if len(chosen) <= limit else chosen[: limit - 3] + "..."
+
+
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a legacy ``.bin`` through ``torch.load(weights_only=True)``; never unpickles."""
+    """Tensors of a legacy ``.bin`` through ``torch.load(weights_only=True)``; never unpickles.
+
+    ``weights_only=True`` makes torch use its restricted unpickler, which builds tensors and plain
+    containers only and never imports or calls anything named in the file, so a hostile pickle cannot
+    run code. Anything it refuses, or any other failure to parse these untrusted bytes, becomes one
+    :class:`AdapterFormatError` naming the file: a corrupt file must never escape as a torch internal.
+    """
     import torch
 
-    if path.stat().st_size == 0:
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(2)
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    if not magic:
         raise AdapterFormatError(f"{path}: empty file")
+    # torch.save writes a zip archive ("PK") or, in the legacy format, a pickle (protocol 2+: 0x80).
+    if magic != b"PK" and magic[:1] != b"\x80":
+        raise AdapterFormatError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling refused"
         raise AdapterFormatError(
-            f"{path}: needs unpickling beyond plain tensors, refused for safety ({first[:160]})"
+            f"{path}: needs unpickling beyond plain tensors, refused for safety ({_one_line(str(exc))})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdapterFormatError(f"{path}: not a readable torch file ({first[:160]})") from None
+    except Exception as exc:  # untrusted bytes: torch raises RuntimeError, EOFError, KeyError, ... on corruption
+        detail = _one_line(str(exc)) or type(exc).__name__
+        raise AdapterFormatError(f"{path}: not a readable torch file ({detail})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -148,7 +181,13 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     if folder.is_bin:
         tensors = load_bin(folder.weights_path)
     else:
-        tensors = load_safetensors(folder.weights_path.read_bytes())
+        # read_header has checked the layout; the Rust reader may still refuse what it cannot map to torch
+        # (a dtype this torch lacks), and the file may have changed since. Neither may escape as its own type.
+        try:
+            tensors = load_safetensors(folder.weights_path.read_bytes())
+        except Exception as exc:
+            detail = _one_line(str(exc)) or type(exc).__name__
+            raise AdapterFormatError(f"{folder.weights_path}: safetensors could not load it ({detail})") from None
     return Adapter.from_state_dict(folder.config, tensors, str(folder.weights_path))
 
 

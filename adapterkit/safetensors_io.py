@@ -104,13 +104,27 @@ def parse_header(raw: bytes, *, data_size: int, source: str) -> Header:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
         raise AdapterFormatError(f"{source}: safetensors header is not valid JSON ({exc})") from None
+    except RecursionError:
+        # A hostile header of deeply nested arrays exhausts the JSON parser's stack.
+        raise AdapterFormatError(f"{source}: safetensors header is not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise AdapterFormatError(f"{source}: safetensors header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
+    # The Rust reader accepts a missing or null __metadata__ but nothing else that is not a string map;
+    # accepting more here would let a file pass our checks and then fail in safetensors.torch.load.
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise AdapterFormatError(f"{source}: safetensors __metadata__ must map strings to strings")
+    for text in (*doc, *metadata, *metadata.values()):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # json accepts escaped lone surrogates ("\\ud800"); they cannot be written back as UTF-8, so the
+            # canonical header could not be produced. The Rust reader refuses them too.
+            raise AdapterFormatError(f"{source}: safetensors header holds a name that is not valid UTF-8") from None
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
         tensors[name] = _tensor_info(name, entry, source)
@@ -134,17 +148,17 @@ def _tensor_info(name: str, entry: object, source: str) -> TensorInfo:
     if not isinstance(entry, dict):
         raise AdapterFormatError(f"{source}: tensor {name!r} has no dtype/shape/data_offsets entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise AdapterFormatError(f"{source}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise AdapterFormatError(f"{source}: tensor {name!r} has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise AdapterFormatError(f"{source}: tensor {name!r} has unsupported dtype {_short(dtype)}")
+    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+        raise AdapterFormatError(f"{source}: tensor {name!r} has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(_is_u64(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise AdapterFormatError(f"{source}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise AdapterFormatError(f"{source}: tensor {name!r} has invalid data_offsets {_short(offsets)}")
     info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
     if info.nbytes != info.numel * DTYPE_SIZES[dtype]:
         raise AdapterFormatError(
@@ -152,6 +166,18 @@ def _tensor_info(name: str, entry: object, source: str) -> TensorInfo:
             f"{info.numel * DTYPE_SIZES[dtype]}"
         )
     return info
+
+
+def _is_u64(value: object) -> bool:
+    # JSON true/false load as Python bools, which are ints; the Rust reader refuses them, and sizes beyond
+    # u64 cannot describe a real file.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def _short(value: object) -> str:
+    """A value for an error message: repr'd (so one line) and cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -171,7 +197,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                 )
             raw = fh.read(length)
     except OSError as exc:
-        raise AdapterFormatError(f"{source}: cannot read ({exc.strerror})") from None
+        raise AdapterFormatError(f"{source}: cannot read ({exc.strerror or type(exc).__name__})") from None
     return parse_header(raw, data_size=size - 8 - length, source=source)
 
 
@@ -201,7 +227,11 @@ def iter_canonical_bytes(path: str | os.PathLike[str], header: Header) -> Iterat
     """Stream the canonical form of the safetensors file at ``path`` in chunks."""
     prefix, _ = canonical_header({t.name: (t.dtype, t.shape) for t in header.tensors.values()})
     yield prefix
-    with Path(path).open("rb") as fh:
+    try:
+        fh = Path(path).open("rb")
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    with fh:
         for name in sorted(header.tensors):
             info = header.tensors[name]
             fh.seek(header.data_start + info.begin)

@@ -1,0 +1,337 @@
+"""The ``adapterkit`` command: parse, call the public API, print text or ``--json``.
+
+Every :class:`~adapterkit.errors.AdapterkitError` becomes one line on stderr and exit code 1,
+in one place (:class:`_Group`); usage errors exit 2 as click does. Registry commands import
+neither torch nor transformers, so ``adapterkit list`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapterkit import __version__
+from adapterkit.errors import AdapterkitError
+from adapterkit.store import Store, parse_duration
+
+__all__ = ["cli", "main"]
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterkitError as exc:
+            message = " ".join(str(exc).split("\n"))
+            raise click.ClickException(message) from None
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(dict)["json"] = True
+
+
+def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json`` is accepted before or after the command name."""
+    return click.option(
+        "--json",
+        "json_",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_json,
+        is_eager=True,
+        help="Print one JSON document instead of text.",
+    )(func)
+
+
+def _store(ctx: click.Context) -> Store:
+    return Store(ctx.ensure_object(dict).get("store"))
+
+
+def _wants_json(ctx: click.Context) -> bool:
+    return bool(ctx.ensure_object(dict).get("json"))
+
+
+def _emit(ctx: click.Context, document: Any, text: Callable[[], str]) -> None:
+    if _wants_json(ctx):
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        click.echo(text())
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    if total <= 0 or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="ADAPTERKIT_HOME",
+    show_envvar=True,
+    help="Store directory [default: ~/.adapterkit].",
+)
+@json_option
+@click.version_option(__version__, prog_name="adapterkit")
+@click.pass_context
+def cli(ctx: click.Context, store: Path | None) -> None:
+    """adapterkit: a registry and toolkit for LoRA adapters."""
+    ctx.ensure_object(dict)["store"] = store
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def _short(digest: str) -> str:
+    return digest[: len("sha256:") + 12]
+
+
+def _base_text(base: dict[str, Any] | None) -> str:
+    if not base:
+        return "-"
+    name = base.get("name") or "?"
+    if base.get("structure_digest"):
+        return f"{name} ({_short(base['structure_digest'])})"
+    return name
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tag", "-t", required=True, metavar="NAME[:TAG]", help="Ref to point at the adapter.")
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE_DIR",
+    help="Base model folder: record its fingerprint and check every module against it.",
+)
+@json_option
+@click.pass_context
+def add(ctx: click.Context, path: Path, tag: str, base: Path | None) -> None:
+    """Import the PEFT adapter folder PATH into the store."""
+    store = _store(ctx)
+    weights = path / "adapter_model.safetensors"
+    total = weights.stat().st_size if weights.is_file() else 0
+    with _progress("hashing", total) as progress:
+        result = store.add(path, tag, base=base, progress=progress)
+    document = {**result.info, "ref": result.ref, "new_bytes": result.new_bytes}
+    _emit(
+        ctx,
+        document,
+        lambda: (
+            f"{result.ref} {result.digest} ({human_size(result.new_bytes)} new, "
+            f"{result.info['num_modules']} modules, {result.info['num_parameters']:,} parameters)"
+        ),
+    )
+
+
+@cli.command(name="list")
+@json_option
+@click.pass_context
+def list_(ctx: click.Context) -> None:
+    """List the adapters that refs point at."""
+    items = _store(ctx).list()
+
+    def text() -> str:
+        if not items:
+            return "no adapters"
+        rows = [("REF", "DIGEST", "BASE", "R", "MODULES", "PARAMS", "SIZE")]
+        for item in items:
+            if "error" in item:
+                rows.append(
+                    (", ".join(item["refs"]), _short(item["digest"]), f"error: {item['error']}", "", "", "", "")
+                )
+                continue
+            rows.append(
+                (
+                    ", ".join(item["refs"]),
+                    _short(item["digest"]),
+                    _base_text(item["base_model"]),
+                    str(item["r"]),
+                    str(item["num_modules"]),
+                    f"{item['num_parameters']:,}",
+                    human_size(item["size"]),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+    _emit(ctx, items, text)
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, ref: str) -> None:
+    """Show an adapter: config, modules, files, base model, lineage, refs."""
+    info = _store(ctx).show(ref)
+
+    def text() -> str:
+        target = info["target_modules"]
+        lines = [
+            f"digest:      {info['digest']}",
+            f"refs:        {', '.join(info['refs']) or '-'}",
+            f"type:        {info['peft_type']} ({info['task_type'] or 'no task type'})",
+            f"base model:  {_base_text(info['base_model'])}",
+            f"r / alpha:   {info['r']} / {info['lora_alpha']}{' (rslora)' if info['use_rslora'] else ''}",
+            f"targets:     {', '.join(target) if isinstance(target, list) else target}",
+            f"parameters:  {info['num_parameters']:,} in {info['num_modules']} modules",
+            f"size:        {human_size(info['size'])}",
+        ]
+        if info["carried"]:
+            lines.append(f"carried:     {', '.join(info['carried'])} (kept as is, not interpreted)")
+        lineage = info["lineage"]
+        if lineage:
+            parents = ", ".join(f"{_short(p['digest'])} x {p['weight']}" for p in lineage["parents"])
+            lines.append(f"lineage:     {lineage['strategy']} of {parents}")
+        lines.append("files:")
+        for f in info["files"]:
+            lines.append(f"  {f['name']:<28} {human_size(f['size']):>10}  {_short(f['digest'])}")
+        lines.append("modules:")
+        for m in info["modules"]:
+            shape = f"{m['in']}->{m['out']}"
+            lines.append(f"  {m['name']}  {m['kind']}  r={m['r']} alpha={m['alpha']} scaling={m['scaling']:g}  {shape}")
+        return "\n".join(lines)
+
+    _emit(ctx, info, text)
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("new_ref", metavar="NAME[:TAG]")
+@json_option
+@click.pass_context
+def tag(ctx: click.Context, ref: str, new_ref: str) -> None:
+    """Point NAME[:TAG] at the adapter REF names."""
+    digest = _store(ctx).tag(ref, new_ref)
+    _emit(ctx, {"ref": new_ref, "digest": digest}, lambda: f"{new_ref} -> {digest}")
+
+
+@cli.command()
+@click.argument("ref", metavar="NAME[:TAG]")
+@json_option
+@click.pass_context
+def rm(ctx: click.Context, ref: str) -> None:
+    """Remove a ref. The adapter's data stays until `gc` finds nothing pointing at it."""
+    digest = _store(ctx).remove(ref)
+    _emit(ctx, {"removed": ref, "digest": digest}, lambda: f"removed {ref} (was {digest})")
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+def export(ctx: click.Context, ref: str, dest: Path) -> None:
+    """Write the adapter REF as a PEFT folder DEST (byte-identical to the stored files)."""
+    store = _store(ctx)
+    info = store.show(ref)
+    with _progress("exporting", info["size"]) as progress:
+        out = store.export(info["digest"], dest, progress=progress)
+    _emit(
+        ctx,
+        {"digest": info["digest"], "refs": info["refs"], "path": str(out), "files": info["files"]},
+        lambda: f"exported {info['digest']} to {out}",
+    )
+
+
+@cli.command()
+@click.option("--full", is_flag=True, help="Re-hash every blob, even those verified before and unchanged since.")
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, full: bool) -> None:
+    """Check every blob, manifest and ref; move corrupt objects to corrupt/. Exit 1 on any problem."""
+    store = _store(ctx)
+    report = store.verify(full=full)
+
+    def text() -> str:
+        lines = [
+            f"checked {report.blobs} blobs, {report.manifests} manifests, {report.refs} refs "
+            f"({human_size(report.hashed_bytes)} hashed)"
+        ]
+        lines += [f"problem: {p.kind} {p.path}: {p.message}" for p in report.problems]
+        if report.stale_temp_files:
+            lines.append(f"note: {report.stale_temp_files} temp files of interrupted writers (gc removes them)")
+        lines.append("ok" if report.ok else f"{len(report.problems)} problems found")
+        return "\n".join(lines)
+
+    _emit(ctx, report.to_json(), text)
+    if not report.ok:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be removed, remove nothing.")
+@click.option("--grace", default="24h", show_default=True, help="Keep unreferenced objects younger than this.")
+@json_option
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool, grace: str) -> None:
+    """Remove adapters and files that no ref (or recent reflog entry) reaches."""
+    try:
+        seconds = parse_duration(grace)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--grace") from None
+    report = _store(ctx).gc(grace=seconds, dry_run=dry_run)
+
+    def text() -> str:
+        verb = "would remove" if dry_run else "removed"
+        lines = [f"{verb} {path} ({human_size(size)})" for path, size in report.removed]
+        lines.append(f"{verb} {len(report.removed)} files, {human_size(report.freed_bytes)}")
+        return "\n".join(lines)
+
+    _emit(ctx, report.to_json(), text)
+
+
+@cli.command()
+@click.argument("base_dir", type=click.Path(path_type=Path))
+@click.option("--content", is_flag=True, help="Also hash every tensor's bytes (reads the whole model).")
+@json_option
+@click.pass_context
+def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
+    """Print the fingerprint of the base model in BASE_DIR."""
+    from adapterkit.fingerprint import fingerprint as fingerprint_base
+
+    fp = fingerprint_base(base_dir, content=content)
+    document = {"structure_digest": fp.structure_digest, "tensors": len(fp.tensors)}
+    if content:
+        document["content_digest"] = fp.content_digest
+    _emit(
+        ctx,
+        document,
+        lambda: "\n".join(f"{key}: {value}" for key, value in document.items()),
+    )
+
+
+@cli.command()
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to build the demo (a new temporary directory by default).",
+)
+def demo(workdir: Path | None) -> None:
+    """Build a tiny base model and two adapters, store, inspect, export and check them."""
+    from adapterkit.demo import run_demo
+
+    run_demo(workdir, echo=click.echo)
+
+
+def main() -> None:
+    cli(prog_name="adapterkit")

@@ -1,0 +1,151 @@
+"""The JSON documents of the store: metadata (the adapter's config blob) and manifests.
+
+Both are canonical JSON (sorted keys, no whitespace, no timestamps) so that the same adapter
+gives the same digest on any machine, and both are validated against ``schemas/`` on every
+write and every read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from adapterkit.errors import AdapterFormatError, IntegrityError, SchemaValidationError
+from adapterkit.lora_config import ModuleSpec, carried_features
+from adapterkit.schema import ADAPTER_SCHEMA, MANIFEST_SCHEMA, validate
+
+__all__ = [
+    "CONFIG_MEDIA_TYPE",
+    "LAYER_MEDIA_TYPES",
+    "Layer",
+    "build_manifest",
+    "build_metadata",
+    "canonical_json",
+    "parse_manifest",
+    "parse_metadata",
+]
+
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+ARTIFACT_TYPE = "application/vnd.adapterkit.lora.v1"
+CONFIG_MEDIA_TYPE = "application/vnd.adapterkit.lora.config.v1+json"
+TITLE = "org.opencontainers.image.title"
+LAYER_MEDIA_TYPES = {
+    "adapter_config.json": "application/vnd.adapterkit.peft.config.v1+json",
+    "adapter_model.safetensors": "application/vnd.adapterkit.safetensors",
+    "README.md": "text/markdown",
+}
+FORMAT_VERSION = 1
+
+
+def canonical_json(document: Any) -> bytes:
+    try:
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise AdapterFormatError(f"document cannot be stored as JSON ({exc})") from None
+    return text.encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One file of an adapter: its name in a PEFT folder and its blob."""
+
+    title: str
+    digest: str
+    size: int
+
+    @property
+    def media_type(self) -> str:
+        return LAYER_MEDIA_TYPES.get(self.title, "application/octet-stream")
+
+
+def build_metadata(
+    *,
+    peft_config: Mapping[str, Any],
+    modules: Sequence[ModuleSpec],
+    extra_tensors: Sequence[str],
+    safetensors_metadata: Mapping[str, str],
+    base_model: Mapping[str, Any] | None,
+    lineage: Mapping[str, Any] | None = None,
+    source: str = "metadata",
+) -> dict[str, Any]:
+    """The metadata document for an adapter, validated against ``adapter.schema.json``."""
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "peft_type": "LORA",
+        "r": peft_config.get("r", 8),
+        "lora_alpha": peft_config.get("lora_alpha", 8),
+        "use_rslora": bool(peft_config.get("use_rslora", False)),
+        "target_modules": _target_modules(peft_config.get("target_modules")),
+        "rank_pattern": dict(peft_config.get("rank_pattern") or {}),
+        "alpha_pattern": dict(peft_config.get("alpha_pattern") or {}),
+        "task_type": peft_config.get("task_type"),
+        "modules": [module.to_json() for module in modules],
+        "num_parameters": sum(module.num_parameters for module in modules),
+        "extra_tensors": list(extra_tensors),
+        "carried": carried_features(peft_config),
+        "base_model": dict(base_model) if base_model is not None else None,
+        "lineage": dict(lineage) if lineage is not None else None,
+        "peft_config": dict(peft_config),
+        "safetensors_metadata": {k: v for k, v in safetensors_metadata.items() if (k, v) != ("format", "pt")},
+    }
+    validate(metadata, ADAPTER_SCHEMA, source)
+    return metadata
+
+
+def _target_modules(value: Any) -> Any:
+    if isinstance(value, list | tuple | set):
+        return sorted(str(v) for v in value) if isinstance(value, set) else [str(v) for v in value]
+    return value if isinstance(value, str) or value is None else str(value)
+
+
+def build_manifest(config: Layer, layers: Sequence[Layer]) -> dict[str, Any]:
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config.digest, "size": config.size},
+        "layers": [
+            {
+                "mediaType": layer.media_type,
+                "digest": layer.digest,
+                "size": layer.size,
+                "annotations": {TITLE: layer.title},
+            }
+            for layer in layers
+        ],
+    }
+    validate(manifest, MANIFEST_SCHEMA, "manifest")
+    return manifest
+
+
+def _load(data: bytes, source: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
+
+
+def parse_manifest(data: bytes, source: str) -> tuple[Layer, list[Layer]]:
+    """(config blob, file layers) of a stored manifest, after schema validation."""
+    manifest = _load(data, source)
+    try:
+        validate(manifest, MANIFEST_SCHEMA, source)
+    except SchemaValidationError as exc:
+        raise IntegrityError(str(exc)) from None
+    config = Layer("", manifest["config"]["digest"], manifest["config"]["size"])
+    layers = [Layer(d["annotations"][TITLE], d["digest"], d["size"]) for d in manifest["layers"]]
+    titles = [layer.title for layer in layers]
+    if len(set(titles)) != len(titles) or not {"adapter_config.json", "adapter_model.safetensors"} <= set(titles):
+        raise IntegrityError(f"{source}: layers must name adapter_config.json and adapter_model.safetensors once each")
+    return config, layers
+
+
+def parse_metadata(data: bytes, source: str) -> dict[str, Any]:
+    metadata = _load(data, source)
+    try:
+        validate(metadata, ADAPTER_SCHEMA, source)
+    except SchemaValidationError as exc:
+        raise IntegrityError(str(exc)) from None
+    return metadata

@@ -1,0 +1,147 @@
+"""``gc``: remove what no ref (or recent reflog entry) reaches, once it is older than the grace.
+
+Never automatic, and conservative by construction: it holds the gc lock exclusively (writers
+hold it shared), refuses to run while any ref or manifest is unreadable (an unreadable manifest
+would make its blobs look unreachable), deletes manifests before blobs so no manifest ever
+names a missing blob, and spares anything younger than the grace period (writers freshen the
+mtime of objects they reuse, as git does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.errors import AdapterkitError, StoreError
+from adapterkit.store.documents import parse_manifest
+from adapterkit.store.fsutil import remove_quietly
+from adapterkit.store.locks import file_lock
+
+if TYPE_CHECKING:
+    from adapterkit.store.store import Store
+
+__all__ = ["GcReport", "collect", "parse_duration"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``24h``, ``7d``, ``2w`` or plain seconds."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _UNITS else "s"
+    number = value[:-1] if value[-1:] in _UNITS else value
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"invalid duration {text!r}: use a number with s, m, h, d or w (e.g. 24h)") from None
+    if seconds < 0:
+        raise ValueError(f"invalid duration {text!r}: must not be negative")
+    return seconds
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    removed: list[tuple[str, int]] = field(default_factory=list)
+    kept_manifests: int = 0
+    kept_blobs: int = 0
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(size for _, size in self.removed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "removed": [{"path": path, "size": size} for path, size in self.removed],
+            "freed_bytes": self.freed_bytes,
+            "kept": {"manifests": self.kept_manifests, "blobs": self.kept_blobs},
+        }
+
+
+def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
+    report = GcReport(dry_run=dry_run)
+    if not store.root.exists():
+        return report
+    with file_lock(store.root / "locks" / "gc.lock", timeout=store.lock_timeout, what="gc"):
+        now = time.time()
+        cutoff = now - grace
+        roots: set[str] = set()
+        for name, tag, _ in store.refs:
+            try:
+                digest = store.refs.read(name, tag)
+            except StoreError as exc:
+                raise StoreError(f"gc refused: {exc}; run `adapterkit verify` and fix or remove the ref") from None
+            if digest:
+                roots.add(digest)
+        for _, _, entries in store.refs.all_logs():
+            for entry in entries:
+                if entry.time >= cutoff:
+                    roots.update(d for d in (entry.old, entry.new) if d)
+
+        manifests: dict[str, tuple[Path, set[str]]] = {}
+        for digest, path in store.manifests:
+            try:
+                config, layers = parse_manifest(store.manifests.read(digest, what="manifest"), f"manifest {digest}")
+            except AdapterkitError as exc:
+                raise StoreError(f"gc refused: {exc}; run `adapterkit verify` first") from None
+            manifests[digest] = (path, {config.digest, *(layer.digest for layer in layers)})
+        for digest in roots:
+            if digest not in manifests:
+                raise StoreError(
+                    f"gc refused: a ref or recent reflog entry names {digest}, whose manifest is missing; "
+                    "run `adapterkit verify`"
+                )
+
+        live_blobs: set[str] = set()
+        doomed_manifests = []
+        for digest, (path, blobs) in manifests.items():
+            if digest in roots or _mtime(path) >= cutoff:
+                live_blobs |= blobs
+                report.kept_manifests += 1
+            else:
+                doomed_manifests.append(path)
+        doomed_blobs = []
+        for digest, path in store.blobs:
+            if digest in live_blobs or _mtime(path) >= cutoff:
+                report.kept_blobs += 1
+            else:
+                doomed_blobs.append(path)
+        doomed_temp = [p for p in store.tmp.glob("*") if _mtime(p) < cutoff] if store.tmp.is_dir() else []
+
+        for path in (*doomed_manifests, *doomed_blobs, *doomed_temp):  # manifests first: never a dangling name
+            report.removed.append((path.relative_to(store.root).as_posix(), _size(path)))
+            if not dry_run:
+                remove_quietly(path)
+        if not dry_run:
+            _prune_empty_dirs(store.root / "refs")
+            _prune_empty_dirs(store.blobs.root)
+            _prune_empty_dirs(store.manifests.root)
+    return report
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _prune_empty_dirs(top: Path) -> None:
+    if not top.is_dir():
+        return
+    for dirpath, _, _ in sorted(os.walk(top), key=lambda item: -len(item[0])):
+        if Path(dirpath) != top:
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)

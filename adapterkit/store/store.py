@@ -1,0 +1,444 @@
+"""The local store: adapters as content-addressed blobs, manifests and ``name:tag`` refs.
+
+Layout (documented in docs/store-format.md)::
+
+    <root>/store.json                       {"format": "adapterkit-store", "version": 1}
+    <root>/blobs/sha256/<2>/<62>            files of adapters and their metadata, read-only
+    <root>/manifests/sha256/<2>/<62>        one manifest per adapter; its sha256 is the adapter's digest
+    <root>/refs/<name>/_tags/<tag>          "sha256:<hex>\\n"
+    <root>/logs/<name>/_tags/<tag>          reflog: "<old> <new> <unix time> <message>" per line
+    <root>/tmp/ locks/ corrupt/ state/
+
+Writes go blobs, then metadata, then manifest, then ref, each published atomically, all under
+the gc lock held shared, so a reader or a crash never sees a ref to something incomplete.
+This module never imports torch; only ``get`` (which returns tensors) and ``.bin`` imports do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.errors import (
+    AdapterkitError,
+    AmbiguousReferenceError,
+    BaseModelError,
+    InvalidInputError,
+    InvalidReferenceError,
+    ReferenceNotFoundError,
+    StoreError,
+)
+from adapterkit.fingerprint import base_weight_key, fingerprint
+from adapterkit.lora_config import ModuleSpec
+from adapterkit.peft_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME, AdapterFolder, config_bytes, open_folder
+from adapterkit.safetensors_io import iter_canonical_bytes
+from adapterkit.store.documents import Layer, build_manifest, build_metadata, canonical_json, parse_manifest
+from adapterkit.store.documents import parse_metadata as _parse_metadata
+from adapterkit.store.fsutil import replace_atomic
+from adapterkit.store.locks import file_lock
+from adapterkit.store.names import digest_prefix, parse_ref, parse_tag_ref
+from adapterkit.store.objects import ObjectDir
+from adapterkit.store.refs import ANY, RefStore
+
+if TYPE_CHECKING:
+    from adapterkit.lora import Adapter
+
+__all__ = ["STORE_FORMAT_VERSION", "AddResult", "Store", "default_store_path"]
+
+STORE_FORMAT_VERSION = 1
+Progress = Callable[[int], None]
+
+
+def default_store_path() -> Path:
+    """``$ADAPTERKIT_HOME``, else ``~/.adapterkit``."""
+    env = os.environ.get("ADAPTERKIT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".adapterkit"
+
+
+@dataclass(frozen=True)
+class AddResult:
+    digest: str
+    ref: str
+    #: Bytes the store did not hold before (0 when re-adding a stored adapter).
+    new_bytes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """A content-addressed adapter store rooted at ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, lock_timeout: float = 60.0) -> None:
+        self.root = Path(path).expanduser() if path is not None else default_store_path()
+        self.tmp = self.root / "tmp"
+        self.blobs = ObjectDir(self.root / "blobs" / "sha256", self.tmp)
+        self.manifests = ObjectDir(self.root / "manifests" / "sha256", self.tmp)
+        self.refs = RefStore(self.root, self.tmp, lock_timeout)
+        self.lock_timeout = lock_timeout
+        self._checked_format = False
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _check_format(self) -> None:
+        if self._checked_format:
+            return
+        marker = self.root / "store.json"
+        try:
+            doc = json.loads(marker.read_text("utf-8"))
+            version = doc["version"]
+        except FileNotFoundError:
+            version = None
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(f"{marker}: unreadable store marker; is {self.root} an adapterkit store?") from None
+        if version is not None and version != STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"{self.root}: store format version {version}; this adapterkit reads version {STORE_FORMAT_VERSION}"
+            )
+        if version is None and self.root.exists() and any(self.root.iterdir()):
+            raise StoreError(f"{self.root}: exists, is not empty and is not an adapterkit store (no store.json)")
+        self._checked_format = version is not None
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Writers hold the gc lock shared, so gc (exclusive) never sweeps what a writer is publishing."""
+        self._check_format()
+        if not (self.root / "store.json").exists():
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                replace_atomic(
+                    self.root / "store.json",
+                    canonical_json({"format": "adapterkit-store", "version": STORE_FORMAT_VERSION}) + b"\n",
+                    self.tmp,
+                )
+            except OSError as exc:
+                raise StoreError(f"cannot create store at {self.root}: {exc.strerror}") from None
+            self._checked_format = True
+        try:
+            with file_lock(self.root / "locks" / "gc.lock", shared=True, timeout=self.lock_timeout, what="gc"):
+                yield
+        except OSError as exc:
+            raise StoreError(f"cannot write to store {self.root}: {exc.strerror or exc}") from None
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def add(
+        self,
+        path: str | os.PathLike[str],
+        tag: str | None = None,
+        *,
+        base: str | os.PathLike[str] | None = None,
+        progress: Progress | None = None,
+    ) -> AddResult:
+        """Import the PEFT adapter folder at ``path`` and point ``tag`` (``name[:tag]``) at it.
+
+        With ``base``, the base model's fingerprint is recorded and every module is checked
+        against the base's tensors. Re-adding an adapter writes nothing new and returns the
+        same digest.
+        """
+        target = parse_tag_ref(tag) if tag is not None else None
+        folder = open_folder(path)
+        if folder.is_bin:
+            weights_chunks, shapes, st_metadata = _bin_weights(folder)
+        else:
+            assert folder.header is not None
+            shapes = {name: (t.dtype, t.shape) for name, t in folder.header.tensors.items()}
+            weights_chunks = iter_canonical_bytes(folder.weights_path, folder.header)
+            st_metadata = folder.header.metadata
+        modules, extras, _ = folder.describe(shapes)
+        base_model = _base_model_entry(folder.config, modules, base)
+        metadata = build_metadata(
+            peft_config=folder.config,
+            modules=modules,
+            extra_tensors=extras,
+            safetensors_metadata=st_metadata,
+            base_model=base_model,
+            source=str(folder.path / CONFIG_NAME),
+        )
+        readme = folder.readme.read_bytes() if folder.readme else None
+        with self._writing():
+            digest, new_bytes = self._commit(
+                metadata, config_bytes(folder.config), weights_chunks, readme, progress=progress
+            )
+            if target is not None:
+                self._set_ref(target.name, target.tag, digest, f"add {folder.path}")
+        ref = f"{target.name}:{target.tag}" if target else digest
+        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=self.describe(digest))
+
+    def _commit(
+        self,
+        metadata: dict[str, Any],
+        peft_config_bytes: bytes,
+        weights_chunks: Any,
+        readme: bytes | None,
+        *,
+        progress: Progress | None = None,
+    ) -> tuple[str, int]:
+        """Publish blobs, then metadata, then the manifest; returns (digest, new bytes)."""
+        new_bytes = 0
+        layers = []
+        weights = self.blobs.put(weights_chunks, progress=progress)
+        for title, stored in (
+            (CONFIG_NAME, self.blobs.put_bytes(peft_config_bytes)),
+            (WEIGHTS_NAME, weights),
+            *(((README_NAME, self.blobs.put_bytes(readme)),) if readme is not None else ()),
+        ):
+            layers.append(Layer(title, stored.digest, stored.size))
+            new_bytes += stored.size if stored.created else 0
+        meta = self.blobs.put_bytes(canonical_json(metadata))
+        new_bytes += meta.size if meta.created else 0
+        manifest = self.manifests.put_bytes(canonical_json(build_manifest(Layer("", meta.digest, meta.size), layers)))
+        new_bytes += manifest.size if manifest.created else 0
+        return manifest.digest, new_bytes
+
+    def _set_ref(self, name: str, tag: str, digest: str, message: str) -> None:
+        self.refs.update(name, tag, digest, expected=ANY, message=message)
+
+    def tag(self, ref: str, new_ref: str) -> str:
+        """Point ``new_ref`` (``name[:tag]``) at the adapter ``ref`` resolves to."""
+        target = parse_tag_ref(new_ref)
+        with self._writing():
+            digest = self.resolve(ref)
+            self._set_ref(target.name, target.tag, digest, f"tag {ref}")
+        return digest
+
+    def remove(self, ref: str) -> str:
+        """Remove the ref ``name[:tag]`` (the adapter's data stays until gc); returns its digest."""
+        parsed = parse_ref(ref)
+        if parsed.name is None or parsed.tag is None:
+            raise InvalidReferenceError(f"{ref!r}: rm removes refs; give NAME[:TAG]")
+        with self._writing():
+            digest = self.refs.read(parsed.name, parsed.tag)
+            if digest is None:
+                raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}")
+            self.refs.update(parsed.name, parsed.tag, None, expected=digest, message=f"rm {ref}")
+        return digest
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        """The digest ``ref`` names: ``name[:tag]``, ``name@sha256:...``, a digest or a unique prefix."""
+        self._check_format()
+        parsed = parse_ref(ref)
+        if parsed.digest is not None:
+            if not self.manifests.exists(parsed.digest):
+                raise ReferenceNotFoundError(f"no adapter {parsed.digest} in {self.root}")
+            return parsed.digest
+        if parsed.prefix is not None:
+            return self._by_prefix(parsed.prefix, ref)
+        assert parsed.name is not None and parsed.tag is not None
+        digest = self.refs.read(parsed.name, parsed.tag)
+        if digest is not None:
+            return digest
+        prefix = digest_prefix(ref)
+        if prefix is not None:
+            return self._by_prefix(prefix, ref)
+        raise ReferenceNotFoundError(f"no adapter {parsed.name}:{parsed.tag} in {self.root}")
+
+    def _by_prefix(self, prefix: str, ref: str) -> str:
+        sub = self.manifests.root / prefix[:2]
+        rest = prefix[2:]
+        found = sorted(f"sha256:{prefix[:2]}{p.name}" for p in sub.glob(f"{rest}*")) if sub.is_dir() else []
+        if not found:
+            raise ReferenceNotFoundError(f"no adapter {ref} in {self.root}")
+        if len(found) > 1:
+            raise AmbiguousReferenceError(f"{ref!r} matches {len(found)} adapters; give more digits")
+        return found[0]
+
+    def manifest(self, digest: str) -> tuple[Layer, list[Layer]]:
+        """(metadata blob, file layers) of the adapter ``digest``, verified and schema-checked."""
+        data = self.manifests.read(digest, what="manifest")
+        return parse_manifest(data, f"manifest {digest}")
+
+    def metadata(self, digest: str) -> dict[str, Any]:
+        config, _ = self.manifest(digest)
+        data = self.blobs.read(config.digest, config.size, what=f"metadata of {digest}")
+        return _parse_metadata(data, f"metadata of {digest}")
+
+    def refs_by_digest(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, tag, _ in self.refs:
+            try:
+                digest = self.refs.read(name, tag)
+            except StoreError:
+                continue  # verify reports it; listing the rest still works
+            if digest:
+                out.setdefault(digest, []).append(f"{name}:{tag}")
+        return out
+
+    def describe(self, digest: str, *, refs: list[str] | None = None, modules: bool = True) -> dict[str, Any]:
+        """What ``show`` prints: the adapter's digest, refs, files, config and modules."""
+        config, layers = self.manifest(digest)
+        meta = _parse_metadata(
+            self.blobs.read(config.digest, config.size, what=f"metadata of {digest}"), f"metadata of {digest}"
+        )
+        if refs is None:
+            refs = self.refs_by_digest().get(digest, [])
+        info: dict[str, Any] = {
+            "digest": digest,
+            "refs": refs,
+            "size": sum(layer.size for layer in layers),
+            "files": [{"name": layer.title, "digest": layer.digest, "size": layer.size} for layer in layers],
+            "peft_type": meta["peft_type"],
+            "task_type": meta["task_type"],
+            "r": meta["r"],
+            "lora_alpha": meta["lora_alpha"],
+            "use_rslora": meta["use_rslora"],
+            "target_modules": meta["target_modules"],
+            "num_modules": len(meta["modules"]),
+            "num_parameters": meta["num_parameters"],
+            "base_model": meta["base_model"],
+            "lineage": meta["lineage"],
+            "carried": meta["carried"],
+            "extra_tensors": meta["extra_tensors"],
+        }
+        if modules:
+            info["rank_pattern"] = meta["rank_pattern"]
+            info["alpha_pattern"] = meta["alpha_pattern"]
+            info["modules"] = meta["modules"]
+            info["peft_config"] = meta["peft_config"]
+        return info
+
+    def show(self, ref: str) -> dict[str, Any]:
+        return self.describe(self.resolve(ref))
+
+    def list(self) -> list[dict[str, Any]]:
+        """One summary per adapter that a ref points at, ordered by its first ref."""
+        if not self.root.exists():
+            return []
+        self._check_format()
+        by_digest = self.refs_by_digest()
+        out = []
+        for digest, refs in by_digest.items():
+            try:
+                out.append(self.describe(digest, refs=refs, modules=False))
+            except AdapterkitError as exc:
+                out.append({"digest": digest, "refs": refs, "error": str(exc)})
+        return sorted(out, key=lambda item: item["refs"])
+
+    def get(self, ref: str) -> Adapter:
+        """Load the adapter ``ref`` names into memory (every byte checked against its digest)."""
+        from safetensors.torch import load as load_safetensors
+
+        from adapterkit.lora import Adapter
+
+        digest = self.resolve(ref)
+        config, layers = self.manifest(digest)
+        files = {layer.title: layer for layer in layers}
+        meta = _parse_metadata(
+            self.blobs.read(config.digest, config.size, what=f"metadata of {digest}"), f"metadata of {digest}"
+        )
+        weights = files[WEIGHTS_NAME]
+        tensors = load_safetensors(self.blobs.read(weights.digest, weights.size, what=f"weights of {digest}"))
+        adapter = Adapter.from_state_dict(meta["peft_config"], tensors, f"weights of {digest}")
+        adapter.metadata = meta
+        adapter.digest = digest
+        return adapter
+
+    def export(self, ref: str, dest: str | os.PathLike[str], *, progress: Progress | None = None) -> Path:
+        """Write the adapter as a PEFT folder at ``dest``, byte-identical to its stored blobs."""
+        digest = self.resolve(ref)
+        _, layers = self.manifest(digest)
+        out = Path(dest)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InvalidInputError(f"{out}: already exists and is not an empty directory")
+        staging = out.parent / f".{out.name}.adapterkit-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir(parents=True)
+            for layer in layers:
+                _copy_verified(self.blobs.path(layer.digest), staging / layer.title, layer, progress)
+            if out.exists():
+                out.rmdir()
+            os.replace(staging, out)
+        except OSError as exc:
+            raise StoreError(f"cannot export to {out}: {exc.strerror or exc}") from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+    def reflog(self, ref: str) -> list[dict[str, Any]]:
+        parsed = parse_tag_ref(ref)
+        return [
+            {"old": e.old, "new": e.new, "time": e.time, "message": e.message}
+            for e in self.refs.reflog(parsed.name, parsed.tag)
+        ]
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    def verify(self, *, full: bool = False, progress: Progress | None = None) -> Any:
+        from adapterkit.store.verify import verify_store
+
+        self._check_format()
+        return verify_store(self, full=full, progress=progress)
+
+    def gc(self, *, grace: float = 86400.0, dry_run: bool = False) -> Any:
+        from adapterkit.store.gc import collect
+
+        self._check_format()
+        return collect(self, grace=grace, dry_run=dry_run)
+
+
+def _copy_verified(source: Path, target: Path, layer: Layer, progress: Progress | None) -> None:
+    import hashlib
+
+    hasher = hashlib.sha256()
+    size = 0
+    try:
+        with source.open("rb") as src, target.open("wb") as dst:
+            while chunk := src.read(1 << 20):
+                hasher.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+                if progress:
+                    progress(len(chunk))
+    except FileNotFoundError:
+        raise ReferenceNotFoundError(f"blob {layer.digest} ({layer.title}) is missing from the store") from None
+    if size != layer.size or "sha256:" + hasher.hexdigest() != layer.digest:
+        from adapterkit.errors import IntegrityError
+
+        raise IntegrityError(f"blob {layer.digest} ({layer.title}) is corrupt (run `adapterkit verify`)")
+
+
+def _bin_weights(folder: AdapterFolder) -> tuple[list[bytes], dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    from adapterkit.lora import dtype_name
+    from adapterkit.peft_io import load_bin, tensors_to_bytes
+
+    tensors = load_bin(folder.weights_path)
+    shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}
+    return [tensors_to_bytes(tensors)], shapes, {}
+
+
+def _base_model_entry(
+    config: dict[str, Any], modules: list[ModuleSpec], base: str | os.PathLike[str] | None
+) -> dict[str, Any] | None:
+    name = config.get("base_model_name_or_path")
+    revision = config.get("revision")
+    if base is None:
+        if name is None:
+            return None
+        return {"name": str(name), "revision": revision, "structure_digest": None}
+    fp = fingerprint(base)
+    for module in modules:
+        key = base_weight_key(module.name, fp.tensors)
+        if key is None:
+            raise BaseModelError(f"{base}: has no weight for adapter module {module.name!r}")
+        shape = fp.tensors[key][1]
+        if shape != module.base_shape:
+            raise BaseModelError(
+                f"{base}: {key} is {list(shape)} but adapter module {module.name!r} changes a "
+                f"{list(module.base_shape)} weight"
+            )
+    return {
+        "name": str(name) if name is not None else None,
+        "revision": revision,
+        "structure_digest": fp.structure_digest,
+    }
