@@ -335,3 +335,7 @@ def demo(workdir: Path | None) -> None:
 
 def main() -> None:
     cli(prog_name="adapterkit")
+
+
+if __name__ == "__main__":
+    main()

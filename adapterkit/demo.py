@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,8 +53,17 @@ def _logits(model: object) -> object:
 
 
 def run_demo(workdir: Path | None = None, *, echo: Callable[[str], None] = print) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' and PEFT's deprecation chatter is not the demo's story
+        return _run(workdir, echo)
+
+
+def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
     import torch
     from peft import PeftModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="adapterkit-demo-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,122 @@
+"""The CLI contract: --json anywhere, one-line errors with exit 1, usage errors exit 2, no torch for registry work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from adapterkit.cli import cli
+from tests.helpers import save_base, save_lora, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny_llama()
+    return {
+        "base": save_base(base, root / "base", max_shard_size="40KB"),
+        "a": save_lora(base, root / "a", seed=1),
+        "b": save_lora(base, root / "b", seed=2, r=4, target_modules=["q_proj", "down_proj"]),
+    }
+
+
+def run(*args: str | Path, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, (result.output, result.stderr)
+    return result.stdout
+
+
+@pytest.fixture
+def store(tmp_path: Path, folders: dict[str, Path]) -> Path:
+    path = tmp_path / "store"
+    run("--store", path, "add", folders["a"], "--tag", "team/a:v1", "--base", folders["base"])
+    run("--store", path, "add", folders["b"], "--tag", "team/b")
+    return path
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "team/a:v1"], ["verify", "--full"], ["gc", "--dry-run"]])
+def test_json_flag_before_or_after_command(store: Path, command: list[str]) -> None:
+    before = json.loads(run("--store", store, "--json", *command))
+    after = json.loads(run("--store", store, *command, "--json"))
+    assert before == after
+
+
+def test_adapter_objects_carry_digest_and_refs(store: Path, folders: dict[str, Path]) -> None:
+    listing = json.loads(run("--store", store, "list", "--json"))
+    assert [item["refs"] for item in listing] == [["team/a:v1"], ["team/b:latest"]]
+    assert all(item["digest"].startswith("sha256:") for item in listing)
+    shown = json.loads(run("--store", store, "show", "team/b", "--json"))
+    assert shown["refs"] == ["team/b:latest"] and shown["digest"] == listing[1]["digest"]
+    assert shown["num_modules"] == len(shown["modules"]) == 4
+    added = json.loads(run("--store", store, "add", folders["b"], "--tag", "team/b:again", "--json"))
+    assert added["digest"] == shown["digest"] and added["new_bytes"] == 0
+    assert sorted(added["refs"]) == ["team/b:again", "team/b:latest"]
+
+
+def test_show_text_names_modules_and_base(store: Path) -> None:
+    text = run("--store", store, "show", "team/a:v1")
+    assert "model.layers.1.self_attn.v_proj  linear  r=8 alpha=16 scaling=2" in text
+    assert "base model:  " in text and "sha256:" in text
+
+
+def test_errors_are_one_line_exit_1(store: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["--store", str(store), "show", "team/nope"])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: no adapter team/nope:latest")
+    result = CliRunner().invoke(cli, ["--store", str(store), "add", str(tmp_path), "--tag", "x"])
+    assert result.exit_code == 1 and "no adapter_config.json" in result.stderr
+    result = CliRunner().invoke(cli, ["--store", str(store), "tag", "team/b", "Bad/Name"])
+    assert result.exit_code == 1 and "invalid adapter name 'Bad/Name'" in result.stderr
+
+
+def test_usage_errors_exit_2(store: Path) -> None:
+    assert CliRunner().invoke(cli, ["--store", str(store), "gc", "--grace", "soon"]).exit_code == 2
+    assert CliRunner().invoke(cli, ["--store", str(store), "add"]).exit_code == 2
+    assert CliRunner().invoke(cli, ["no-such-command"]).exit_code == 2
+
+
+def test_export_is_byte_identical_to_blobs(store: Path, tmp_path: Path) -> None:
+    shown = json.loads(run("--store", store, "show", "team/a:v1", "--json"))
+    out = tmp_path / "exported"
+    run("--store", store, "export", "team/a:v1", out)
+    for entry in shown["files"]:
+        digest = entry["digest"].removeprefix("sha256:")
+        blob = store / "blobs" / "sha256" / digest[:2] / digest[2:]
+        assert (out / entry["name"]).read_bytes() == blob.read_bytes()
+
+
+def test_fingerprint_command_matches_api(folders: dict[str, Path]) -> None:
+    from adapterkit import fingerprint
+
+    document = json.loads(run("fingerprint", folders["base"], "--content", "--json"))
+    expected = fingerprint(folders["base"], content=True)
+    assert document["structure_digest"] == expected.structure_digest
+    assert document["content_digest"] == expected.content_digest
+
+
+def test_store_from_environment(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTERKIT_HOME", str(store))
+    assert "team/a:v1" in run("list")
+
+
+def test_registry_commands_do_not_import_torch(store: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from adapterkit.cli import cli\n"
+        "for args in (['list'], ['show', 'team/a:v1'], ['verify'], ['tag', 'team/a:v1', 'team/c'], ['gc']):\n"
+        "    cli.main(['--store', sys.argv[1], *args], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(store)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "adapterkit", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "adapterkit, version" in result.stdout
