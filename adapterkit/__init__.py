@@ -16,6 +16,8 @@ from adapterkit.errors import (
     AdapterkitError,
     AmbiguousReferenceError,
     BaseModelError,
+    CompositionError,
+    IncompatibleAdaptersError,
     IntegrityError,
     InvalidInputError,
     InvalidReferenceError,
@@ -25,12 +27,14 @@ from adapterkit.errors import (
     SchemaValidationError,
     StoreError,
     StoreLockedError,
+    UnknownStrategyError,
     UnsupportedAdapterError,
 )
 from adapterkit.fingerprint import BaseFingerprint, fingerprint
 from adapterkit.store import AddResult, GcReport, Store, VerifyReport
 
 if TYPE_CHECKING:
+    from adapterkit.composition import compose
     from adapterkit.lora import Adapter, LoraModule
     from adapterkit.peft_io import read_adapter, write_adapter
 
@@ -42,7 +46,9 @@ __all__ = [
     "AmbiguousReferenceError",
     "BaseFingerprint",
     "BaseModelError",
+    "CompositionError",
     "GcReport",
+    "IncompatibleAdaptersError",
     "IntegrityError",
     "InvalidInputError",
     "InvalidReferenceError",
@@ -54,9 +60,11 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreLockedError",
+    "UnknownStrategyError",
     "UnsupportedAdapterError",
     "VerifyReport",
     "__version__",
+    "compose",
     "fingerprint",
     "read_adapter",
     "write_adapter",
@@ -65,6 +73,7 @@ __all__ = [
 _LAZY = {
     "Adapter": "adapterkit.lora",
     "LoraModule": "adapterkit.lora",
+    "compose": "adapterkit.composition",
     "read_adapter": "adapterkit.peft_io",
     "write_adapter": "adapterkit.peft_io",
 }

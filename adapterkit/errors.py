@@ -9,7 +9,10 @@ message must stand on its own: name the file, the field or the reference that is
     │   │   └── UnsupportedAdapterError   a valid PEFT file of a kind adapterkit refuses (IA3, DoRA maths, ...)
     │   ├── SchemaValidationError    a document fails schemas/*.schema.json
     │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
-    │   └── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
+    │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
+    │   └── CompositionError         adapters that cannot be blended as asked
+    │       ├── IncompatibleAdaptersError  different bases, or one module shaped differently
+    │       └── UnknownStrategyError       no plugin registered that strategy
     ├── StoreError                   the local store
     │   ├── ReferenceNotFoundError   no ref, digest or prefix of that name
     │   ├── AmbiguousReferenceError  a digest prefix that matches several adapters
@@ -26,6 +29,8 @@ __all__ = [
     "AdapterkitError",
     "AmbiguousReferenceError",
     "BaseModelError",
+    "CompositionError",
+    "IncompatibleAdaptersError",
     "IntegrityError",
     "InvalidInputError",
     "InvalidReferenceError",
@@ -35,6 +40,7 @@ __all__ = [
     "SchemaValidationError",
     "StoreError",
     "StoreLockedError",
+    "UnknownStrategyError",
     "UnsupportedAdapterError",
 ]
 
@@ -70,6 +76,18 @@ class InvalidReferenceError(InvalidInputError):
 
 class BaseModelError(InvalidInputError):
     """A base-model folder cannot be read, or an adapter does not fit it."""
+
+
+class CompositionError(InvalidInputError):
+    """A blend that cannot be computed as asked (bad weights, parameters or adapters)."""
+
+
+class IncompatibleAdaptersError(CompositionError):
+    """Adapters for different base models, or a module shaped differently in two adapters."""
+
+
+class UnknownStrategyError(CompositionError):
+    """No registered strategy has this name."""
 
 
 class StoreError(AdapterkitError):

@@ -1,0 +1,248 @@
+"""``compose``: blend adapters into a new adapter, with lineage.
+
+This module is the dispatcher: it checks that the adapters belong together, pairs their
+modules, folds each parent's scaling into its factors, hands every module to the strategy (pure
+maths, on the chosen device) and assembles the result with a PEFT config that gives each module
+its true scaling. Which strategies exist is the plugin manager's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from adapterkit import __version__
+from adapterkit.errors import (
+    CompositionError,
+    IncompatibleAdaptersError,
+    UnknownStrategyError,
+    UnsupportedAdapterError,
+)
+from adapterkit.lora_config import DELTA_CHANGING_FIELDS, ModuleSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapterkit.lora import Adapter
+    from adapterkit.plugins import Plugins
+
+__all__ = ["adapter_digest", "check_compatible", "compose"]
+
+#: Fields a blend cannot carry: extra trainable tensors that have no weighted sum.
+_UNBLENDABLE = ("modules_to_save", "trainable_token_indices", "layer_replication", *DELTA_CHANGING_FIELDS)
+
+
+def adapter_digest(adapter: Adapter) -> str:
+    """The adapter's store digest, or for one never stored, the sha256 of its canonical files."""
+    if adapter.digest:
+        return adapter.digest
+    from adapterkit.peft_io import config_bytes, tensors_to_bytes
+
+    hasher = hashlib.sha256(config_bytes(adapter.config))
+    hasher.update(tensors_to_bytes(adapter.state_dict()))
+    return "sha256:" + hasher.hexdigest()
+
+
+def _base_of(adapter: Adapter) -> tuple[str | None, str | None]:
+    base = (adapter.metadata or {}).get("base_model") or {}
+    return base.get("structure_digest"), base.get("name") or adapter.config.get("base_model_name_or_path")
+
+
+def check_compatible(adapters: Sequence[Adapter], *, force: bool = False) -> dict[str, Any] | None:
+    """Refuse adapters for different bases (by fingerprint, else by name); returns the shared base entry."""
+    fingerprints = {fp for fp, _ in map(_base_of, adapters) if fp}
+    names = {name for _, name in map(_base_of, adapters) if name}
+    if not force:
+        if len(fingerprints) > 1:
+            raise IncompatibleAdaptersError(
+                f"adapters were made for different base models (fingerprints {', '.join(sorted(fingerprints))}); "
+                "use --force to blend them anyway"
+            )
+        if not fingerprints and len(names) > 1:
+            raise IncompatibleAdaptersError(
+                f"adapters name different base models ({', '.join(sorted(names))}); use --force to blend them anyway"
+            )
+    for adapter in adapters:
+        blocking = [field for field in _UNBLENDABLE if adapter.config.get(field)]
+        if blocking:
+            raise UnsupportedAdapterError(
+                f"adapter {adapter_digest(adapter)[:19]} sets {blocking[0]!r}, which a blend cannot carry"
+            )
+    if not fingerprints and not names:
+        return None
+    structure, name = next(
+        ((fp, n) for fp, n in map(_base_of, adapters) if fp), next(((None, n) for _, n in map(_base_of, adapters) if n))
+    )
+    revision = adapters[0].config.get("revision")
+    return {"name": name, "revision": revision, "structure_digest": structure}
+
+
+def _common_shape(name: str, specs: list[ModuleSpec]) -> ModuleSpec:
+    first = specs[0]
+    for spec in specs[1:]:
+        if (spec.kind, spec.in_features, spec.out_features, spec.kernel, spec.fan_in_fan_out) != (
+            first.kind,
+            first.in_features,
+            first.out_features,
+            first.kernel,
+            first.fan_in_fan_out,
+        ):
+            raise IncompatibleAdaptersError(
+                f"module {name!r} is {first.kind} {first.in_features}->{first.out_features} in one adapter "
+                f"and {spec.kind} {spec.in_features}->{spec.out_features} in another"
+            )
+    return first
+
+
+def compose(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None = None,
+    strategy: str = "linear",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    plugins: Plugins | None = None,
+    **params: Any,
+) -> Adapter:
+    """Blend ``adapters`` with ``weights`` (negative allowed) using ``strategy``; returns a new adapter.
+
+    ``dtype`` is the dtype of the result's factors (default: the parents' when they agree, else
+    float32); the maths runs in float32, or float64 when ``dtype`` is float64. Modules missing
+    from an adapter contribute zero. The result's ``metadata`` holds its lineage and base model.
+    """
+    import torch
+
+    from adapterkit.lora import Adapter, LoraModule
+    from adapterkit.plugins import get_plugins
+
+    if not adapters:
+        raise CompositionError("compose needs at least one adapter")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise CompositionError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    if not all(map(lambda w: w == w and abs(w) != float("inf"), weights)):
+        raise CompositionError("weights must be finite numbers")
+    registry = (plugins or get_plugins()).strategies()
+    if strategy not in registry:
+        raise UnknownStrategyError(f"unknown strategy {strategy!r}; available: {', '.join(sorted(registry))}")
+    chosen = registry[strategy]
+    try:
+        resolved = chosen.check_params(params)
+    except ValueError as exc:
+        raise CompositionError(str(exc)) from None
+    base_model = check_compatible(adapters, force=force)
+    parents = [{"digest": adapter_digest(a), "weight": w} for a, w in zip(adapters, weights, strict=True)]
+    lineage: dict[str, Any] = {
+        "strategy": strategy,
+        "parameters": {k: v for k, v in resolved.items() if v is not None},
+        "parents": parents,
+        "adapterkit_version": __version__,
+    }
+
+    if chosen.name == "linear" and len(adapters) == 1 and weights[0] == 1.0:
+        return _identity(adapters[0], base_model, lineage)  # bit-for-bit the parent: no rounding from folding
+
+    factor_dtypes = {m.A.dtype for a in adapters for m in a.modules.values()}
+    out_dtype = dtype or (factor_dtypes.pop() if len(factor_dtypes) == 1 else torch.float32)
+    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    target = torch.device(device) if device is not None else torch.device("cpu")
+
+    names = sorted({name for adapter in adapters for name in adapter.modules})
+    modules: dict[str, LoraModule] = {}
+    errors: dict[str, float] = {}
+    from adapterkit.lora import TORCH_DTYPES
+    from adapterkit.strategies.base import ModuleInput
+
+    for name in names:
+        present = [(a.modules[name], w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
+        shape = _common_shape(name, [m.spec for m, _ in present])
+        factors = [
+            (
+                m.A.to(device=target, dtype=compute).flatten(1) * m.spec.scaling,
+                m.B.to(device=target, dtype=compute).flatten(1),
+            )
+            for m, _ in present
+        ]
+        module_input = ModuleInput(
+            name=name, factors=factors, weights=[w for _, w in present], ranks=[m.spec.r for m, _ in present]
+        )
+        try:
+            result = chosen.function(module_input, **resolved)
+        except ValueError as exc:
+            raise CompositionError(f"strategy {strategy!r} failed on module {name!r}: {exc}") from None
+        rank = result.A.shape[0]
+        if rank == 0:
+            continue  # nothing left of this module (e.g. all weights zero)
+        spec = ModuleSpec(
+            name=name,
+            kind=shape.kind,
+            r=rank,
+            alpha=rank,
+            scaling=1.0,
+            in_features=shape.in_features,
+            out_features=shape.out_features,
+            kernel=shape.kernel,
+            fan_in_fan_out=shape.fan_in_fan_out,
+            dtype=TORCH_DTYPES[out_dtype],
+        )
+        A = result.A.reshape(spec.a_shape).to(device="cpu", dtype=out_dtype).contiguous()
+        B = result.B.reshape(spec.b_shape).to(device="cpu", dtype=out_dtype).contiguous()
+        modules[name] = LoraModule(spec, A, B)
+        if result.truncation_error is not None:
+            errors[name] = result.truncation_error
+    if not modules:
+        raise CompositionError("the blend is empty: every module's result has rank 0")
+    if errors:
+        lineage["truncation_error"] = errors
+
+    config = _derived_config(adapters[0].config, modules)
+    blended = Adapter(config=config, modules=modules, extra_tensors={}, key_prefix=adapters[0].key_prefix)
+    blended.metadata = {"base_model": base_model, "lineage": lineage}
+    return blended
+
+
+def _identity(parent: Adapter, base_model: dict[str, Any] | None, lineage: dict[str, Any]) -> Adapter:
+    from adapterkit.lora import Adapter
+
+    copy = Adapter(
+        config=dict(parent.config),
+        modules=dict(parent.modules),
+        extra_tensors=dict(parent.extra_tensors),
+        key_prefix=parent.key_prefix,
+    )
+    copy.metadata = {"base_model": base_model, "lineage": lineage}
+    return copy
+
+
+def _derived_config(first: Mapping[str, Any], modules: Mapping[str, Any]) -> dict[str, Any]:
+    """A PEFT config under which every module gets scaling 1 (alpha = r), whatever its rank.
+
+    Targets are the exact module paths, so PEFT creates LoRA layers on precisely the blended
+    modules; ranks other than the most common one go to ``rank_pattern`` / ``alpha_pattern`` under
+    an escaped full path (PEFT matches pattern keys against the end of the module path).
+    """
+    ranks = {name: module.spec.r for name, module in modules.items()}
+    default = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): r for name, r in sorted(ranks.items()) if r != default}
+    return {
+        "peft_type": "LORA",
+        "task_type": first.get("task_type"),
+        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "revision": first.get("revision"),
+        "r": default,
+        "lora_alpha": default,
+        "use_rslora": False,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(modules),
+        "fan_in_fan_out": any(module.spec.fan_in_fan_out for module in modules.values()),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }

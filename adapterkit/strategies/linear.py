@@ -1,0 +1,28 @@
+"""``linear``: the exact weighted sum, by concatenating factors.
+
+sum_i w_i B_i A_i = [B_1 ... B_n] [w_1 A_1; ...; w_n A_n], so stacking gives the exact sum with
+rank sum(r_i) and no cross terms (PEFT's ``linear`` type mixes factors and is exact only for one
+adapter). Nothing is truncated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adapterkit.strategies.base import ModuleInput, ModuleResult, Strategy
+
+__all__ = ["STRATEGY", "linear"]
+
+
+def linear(module: ModuleInput) -> ModuleResult:
+    A = torch.cat([w * A for (A, _), w in zip(module.factors, module.weights, strict=True)], dim=0)
+    B = torch.cat([B for _, B in module.factors], dim=1)
+    return ModuleResult(A=A, B=B)
+
+
+STRATEGY = Strategy(
+    name="linear",
+    function=linear,
+    description="Exact weighted sum of the deltas (rank = sum of the parents' ranks).",
+    exact=True,
+)

@@ -1,0 +1,35 @@
+"""``svd``: the exact weighted sum, truncated to the best rank-k approximation.
+
+Optimal in Frobenius norm (Eckart-Young) and computed from the factors alone: QR of the stacked
+factors and an SVD of the small core (see :func:`factor_svd`), never the out x in matrix that
+PEFT's ``svd`` type builds and decomposes. ``rank`` fixes k; ``energy`` picks, per module, the
+smallest k keeping that fraction of the squared singular values; neither keeps each module at
+its parents' largest rank.
+"""
+
+from __future__ import annotations
+
+from adapterkit.strategies._lowrank import factor_svd
+from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy
+
+__all__ = ["STRATEGY", "svd"]
+
+
+def svd(module: ModuleInput, *, rank: int | None = None, energy: float | None = None) -> ModuleResult:
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    return factor_svd(module, rank=rank, energy=energy, default_rank=max(module.ranks))
+
+
+STRATEGY = Strategy(
+    name="svd",
+    function=svd,
+    description="Exact sum, then the optimal rank-k truncation (QR of the factors + SVD of the small core).",
+    params={
+        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)"),
+        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy"),
+    },
+    exact=True,
+)
