@@ -21,7 +21,7 @@ from adapterkit.errors import (
     UnknownStrategyError,
     UnsupportedAdapterError,
 )
-from adapterkit.lora_config import DELTA_CHANGING_FIELDS, ModuleSpec
+from adapterkit.lora_config import ModuleSpec, carried_features
 
 if TYPE_CHECKING:
     import torch
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from adapterkit.plugins import Plugins
 
 __all__ = ["adapter_digest", "check_compatible", "compose"]
-
-#: Fields a blend cannot carry: extra trainable tensors that have no weighted sum.
-_UNBLENDABLE = ("modules_to_save", "trainable_token_indices", "layer_replication", *DELTA_CHANGING_FIELDS)
-
 
 def adapter_digest(adapter: Adapter) -> str:
     """The adapter's store digest, or for one never stored, the sha256 of its canonical files."""
@@ -66,7 +62,9 @@ def check_compatible(adapters: Sequence[Adapter], *, force: bool = False) -> dic
                 f"adapters name different base models ({', '.join(sorted(names))}); use --force to blend them anyway"
             )
     for adapter in adapters:
-        blocking = [field for field in _UNBLENDABLE if adapter.config.get(field)]
+        # Extra tensors (modules_to_save, trainable tokens) have no weighted sum, and fields such as
+        # use_dora or a PiSSA init make a module's change something other than scaling * B @ A.
+        blocking = carried_features(adapter.config)
         if blocking:
             raise UnsupportedAdapterError(
                 f"adapter {adapter_digest(adapter)[:19]} sets {blocking[0]!r}, which a blend cannot carry"

@@ -77,7 +77,9 @@ def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except OSError as exc:
+        raise BaseModelError(f"{index_path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise BaseModelError(f"{index_path}: not a safetensors index (no weight_map object)") from None
     shards: dict[str, set[str]] = {}
     for tensor, shard in weight_map.items():
@@ -125,7 +127,7 @@ def base_weight_key(module: str, tensors: dict[str, tuple[str, tuple[int, ...]]]
     the module path may carry one leading component more or fewer than the tensor names.
     """
     candidates = [f"{module}.weight"]
-    head, _, rest = module.partition(".")
+    _, _, rest = module.partition(".")
     if rest:
         candidates.append(f"{rest}.weight")
     for candidate in candidates:

@@ -272,8 +272,8 @@ def describe_modules(
             if role not in parts:
                 other = "B" if role == "A" else "A"
                 raise AdapterFormatError(f"{source}: module {name!r} has lora_{other} but no lora_{role}")
-        a_key, a_dtype, a_shape, embedding = parts["A"]
-        b_key, b_dtype, b_shape, _ = parts["B"]
+        _, a_dtype, a_shape, embedding = parts["A"]
+        _, b_dtype, b_shape, _ = parts["B"]
         kind = "embedding" if embedding else _KINDS.get(len(a_shape))
         if kind is None or len(b_shape) != len(a_shape) or any(d != 1 for d in b_shape[2:]):
             raise AdapterFormatError(

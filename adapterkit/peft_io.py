@@ -48,8 +48,18 @@ README_NAME = "README.md"
 
 
 def config_bytes(config: Mapping[str, Any]) -> bytes:
-    """The config exactly as PEFT's ``save_pretrained`` writes it (indent 2, sorted keys)."""
-    return json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
+    """The config exactly as PEFT's ``save_pretrained`` writes it (indent 2, sorted keys).
+
+    PEFT turns sets (``LoraConfig.target_modules`` is one) into lists in iteration order, which changes
+    from run to run; sorting them keeps the bytes, and so the digest, the same every time.
+    """
+    return json.dumps(config, indent=2, sort_keys=True, default=_sorted_set).encode("utf-8")
+
+
+def _sorted_set(value: object) -> list[Any]:
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 @dataclass(frozen=True)
@@ -110,12 +120,14 @@ def _one_line(text: str, limit: int = 160) -> str:
     """The informative line of a library error, without terminal escapes, cut to ``limit`` characters."""
     # torch's weights_only refusal wraps the reason ("Unsupported operand 149", "Trying to load unsupported
     # GLOBAL posix.system ...") in boilerplate about its defaults and documentation; keep only the reason.
-    lines = []
-    for line in text.splitlines():
-        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
-        if line and not line.startswith(("Weights only load failed", "Check the documentation")):
-            lines.append(line)
+    marker = "WeightsUnpickler error:"
+    reasons = [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    lines = [r for r in reasons if r] + [
+        line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)
+    ]
     chosen = lines[0] if lines else text.strip().split("\n", 1)[0]
+    chosen = chosen.split(". This is an internal miniz error", 1)[0]  # torch's advice on zip errors runs long
     chosen = re.sub(r"\x1b\[[0-9;]*m", "", chosen)
     chosen = "".join(ch if ch.isprintable() else " " for ch in chosen)
     return chosen if len(chosen) <= limit else chosen[: limit - 3] + "..."
@@ -186,7 +198,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
         try:
             tensors = load_safetensors(folder.weights_path.read_bytes())
         except Exception as exc:
-            detail = _one_line(str(exc)) or type(exc).__name__
+            detail = f"{type(exc).__name__}: {_one_line(str(exc))}".rstrip(": ")
             raise AdapterFormatError(f"{folder.weights_path}: safetensors could not load it ({detail})") from None
     return Adapter.from_state_dict(folder.config, tensors, str(folder.weights_path))
 

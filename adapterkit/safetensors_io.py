@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from adapterkit.errors import AdapterFormatError
 
@@ -223,15 +224,18 @@ def canonical_header(infos: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+def _open_for_reading(path: str | os.PathLike[str]) -> BinaryIO:
+    try:
+        return Path(path).open("rb")
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+
+
 def iter_canonical_bytes(path: str | os.PathLike[str], header: Header) -> Iterator[bytes]:
     """Stream the canonical form of the safetensors file at ``path`` in chunks."""
     prefix, _ = canonical_header({t.name: (t.dtype, t.shape) for t in header.tensors.values()})
     yield prefix
-    try:
-        fh = Path(path).open("rb")
-    except OSError as exc:
-        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    with fh:
+    with _open_for_reading(path) as fh:
         for name in sorted(header.tensors):
             info = header.tensors[name]
             fh.seek(header.data_start + info.begin)

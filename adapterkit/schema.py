@@ -44,7 +44,31 @@ def validate(document: Any, name: str, source: str) -> None:
     error = best_match(_validator(name).iter_errors(document))
     if error is None:
         return
+    error = _inside_the_matching_branch(error)
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
     where = f"field '{field}'" if field else "top level"
     message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
     raise SchemaValidationError(f"{source}: {where}: {message}", source=source, field=field)
+
+
+def _inside_the_matching_branch(error: Any) -> Any:
+    """For ``oneOf``/``anyOf`` ("null or an object"), the error inside the one branch the value fits by type.
+
+    Without this, ``lineage: {"strategy": "linear"}`` reports "is not valid under any of the given schemas";
+    with it, "'parameters' is a required property", which says what to fix.
+    """
+    from jsonschema.exceptions import best_match
+
+    while error.validator in ("oneOf", "anyOf") and error.context:
+        branches: dict[Any, list[Any]] = {}
+        for sub in error.context:
+            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+        fitting = [
+            errors
+            for errors in branches.values()
+            if not any(sub.validator == "type" and not sub.relative_path for sub in errors)
+        ]
+        if len(fitting) != 1:
+            break
+        error = best_match(fitting[0])
+    return error

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import save_base, save_lora, tiny_llama
 
 from adapterkit.cli import cli
-from tests.helpers import save_base, save_lora, tiny_llama
 
 
 @pytest.fixture(scope="module")

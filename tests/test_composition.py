@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import logits, save_lora, tiny_llama
 
 from adapterkit import compose
 from adapterkit.errors import CompositionError, IncompatibleAdaptersError, UnknownStrategyError, UnsupportedAdapterError
 from adapterkit.lora import Adapter
 from adapterkit.peft_io import read_adapter, write_adapter
-from tests.helpers import logits, save_lora, tiny_llama
 
 WEIGHTS = [0.7, -0.3, 0.45]
 
