@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["adapter_digest", "check_compatible", "compose"]
 
+
 def adapter_digest(adapter: Adapter) -> str:
     """The adapter's store digest, or for one never stored, the sha256 of its canonical files."""
     if adapter.digest:
