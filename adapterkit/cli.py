@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -320,6 +321,139 @@ def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
     )
 
 
+def _parse_weights(text: str | None, count: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights") from None
+    if len(weights) != count:
+        raise click.BadParameter(f"{len(weights)} weights for {count} adapters", param_hint="--weights")
+    return weights
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--param key=value``: JSON values (numbers, true/false, strings); a bare word is a string."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--param")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--weights", "-w", metavar="W,...", help="One weight per adapter (negative allowed) [default: 1 each].")
+@click.option("--strategy", "-s", default="linear", show_default=True, help="See `adapterkit plugins`.")
+@click.option("--rank", type=int, help="Output rank (svd, ties, dare_*, magnitude_prune).")
+@click.option("--energy", type=float, help="Per-module rank keeping this fraction of the energy (instead of --rank).")
+@click.option("--density", type=float, help="Fraction of entries kept (ties, dare_*, magnitude_prune).")
+@click.option("--seed", type=int, help="Seed of DARE's random masks.")
+@click.option("--param", "extra", multiple=True, metavar="KEY=VALUE", help="Any other strategy parameter.")
+@click.option("--device", help="torch device for the maths, e.g. cuda [default: cpu].")
+@click.option("--force", is_flag=True, help="Blend adapters made for different base models.")
+@click.option("--tag", "-t", required=True, metavar="NAME[:TAG]", help="Ref for the result.")
+@json_option
+@click.pass_context
+def compose(
+    ctx: click.Context,
+    refs: tuple[str, ...],
+    weights: str | None,
+    strategy: str,
+    rank: int | None,
+    energy: float | None,
+    density: float | None,
+    seed: int | None,
+    extra: tuple[str, ...],
+    device: str | None,
+    force: bool,
+    tag: str,
+) -> None:
+    """Blend the adapters REFS into a new adapter and store it under --tag."""
+    import adapterkit
+
+    params = {
+        k: v for k, v in {"rank": rank, "energy": energy, "density": density, "seed": seed}.items() if v is not None
+    }
+    params.update(_parse_params(extra))
+    parsed_weights = _parse_weights(weights, len(refs))
+    store = _store(ctx)
+    parents = [store.get(ref) for ref in refs]
+    blended = adapterkit.compose(parents, parsed_weights, strategy, device=device, force=force, **params)
+    result = store.put(blended, tag)
+    info = result.info
+    errors = (info.get("lineage") or {}).get("truncation_error") or {}
+
+    def text() -> str:
+        line = (
+            f"{result.ref} {result.digest} ({strategy} of {len(refs)} adapters, "
+            f"{info['num_modules']} modules, {info['num_parameters']:,} parameters)"
+        )
+        if errors:
+            worst = max(errors, key=errors.get)
+            line += (
+                f"\ntruncation error: max {errors[worst]:.2e} ({worst}), mean {sum(errors.values()) / len(errors):.2e}"
+            )
+        return line
+
+    _emit(ctx, {**info, "ref": result.ref, "new_bytes": result.new_bytes}, text)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def plugins(ctx: click.Context) -> None:
+    """List plugins, and the strategies and remotes they register."""
+    from adapterkit.plugins import get_plugins
+
+    loaded = get_plugins()
+    strategies = loaded.strategies()
+    strategy_owners = loaded.strategy_owners()
+    remote_owners = loaded.remote_owners()
+    document = {
+        "plugins": [
+            {"name": p.name, "version": p.version, "builtin": p.builtin, "hooks": list(p.hooks)} for p in loaded.info()
+        ],
+        "failed": loaded.failed,
+        "strategies": [
+            {
+                "name": name,
+                "plugin": strategy_owners[name],
+                "description": strategy.description,
+                "parameters": {
+                    key: {"type": spec.type.__name__, "default": spec.default} for key, spec in strategy.params.items()
+                },
+            }
+            for name, strategy in sorted(strategies.items())
+        ],
+        "remotes": [{"scheme": scheme, "plugin": owner} for scheme, owner in sorted(remote_owners.items())],
+    }
+
+    def text() -> str:
+        lines = ["plugins:"]
+        for p in document["plugins"]:
+            version = f" {p['version']}" if p["version"] else ""
+            lines.append(f"  {p['name']}{version}{' (built in)' if p['builtin'] else ''}: {', '.join(p['hooks'])}")
+        for name, message in loaded.failed.items():
+            lines.append(f"  {name}: FAILED: {message}")
+        lines.append("strategies:")
+        for item in document["strategies"]:
+            params = ", ".join(f"{k}={v['default']}" for k, v in item["parameters"].items())
+            lines.append(f"  {item['name']:<16} {item['description']}" + (f" [{params}]" if params else ""))
+        lines.append("remotes:" + ("" if document["remotes"] else " none"))
+        for item in document["remotes"]:
+            lines.append(f"  {item['scheme']}://  ({item['plugin']})")
+        return "\n".join(lines)
+
+    _emit(ctx, document, text)
+
+
 @cli.command()
 @click.option(
     "--workdir",
@@ -331,6 +465,25 @@ def demo(workdir: Path | None) -> None:
     from adapterkit.demo import run_demo
 
     run_demo(workdir, echo=click.echo)
+
+
+def _load_plugin_commands() -> None:
+    """Load plugins once for the CLI; their load warnings become one clean line each on stderr."""
+    from adapterkit.plugins import get_plugins
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            get_plugins().register_commands(cli)
+        except AdapterkitError as exc:  # e.g. ADAPTERKIT_STRICT_PLUGINS with a broken plugin
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+    for warning in caught:
+        if str(warning.message).startswith("adapterkit: "):
+            click.echo(f"Warning: {str(warning.message).removeprefix('adapterkit: ')}", err=True)
+
+
+_load_plugin_commands()
 
 
 def main() -> None:

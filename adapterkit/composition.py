@@ -50,8 +50,9 @@ def _base_of(adapter: Adapter) -> tuple[str | None, str | None]:
 
 def check_compatible(adapters: Sequence[Adapter], *, force: bool = False) -> dict[str, Any] | None:
     """Refuse adapters for different bases (by fingerprint, else by name); returns the shared base entry."""
-    fingerprints = {fp for fp, _ in map(_base_of, adapters) if fp}
-    names = {name for _, name in map(_base_of, adapters) if name}
+    entries = [_base_of(adapter) for adapter in adapters]
+    fingerprints = {fp for fp, _ in entries if fp}
+    names = {name for _, name in entries if name}
     if not force:
         if len(fingerprints) > 1:
             raise IncompatibleAdaptersError(
@@ -70,13 +71,11 @@ def check_compatible(adapters: Sequence[Adapter], *, force: bool = False) -> dic
             raise UnsupportedAdapterError(
                 f"adapter {adapter_digest(adapter)[:19]} sets {blocking[0]!r}, which a blend cannot carry"
             )
-    if not fingerprints and not names:
+    structure = next((fp for fp, _ in entries if fp), None)
+    name = next((n for _, n in entries if n), None)
+    if structure is None and name is None:
         return None
-    structure, name = next(
-        ((fp, n) for fp, n in map(_base_of, adapters) if fp), next(((None, n) for _, n in map(_base_of, adapters) if n))
-    )
-    revision = adapters[0].config.get("revision")
-    return {"name": name, "revision": revision, "structure_digest": structure}
+    return {"name": name, "revision": adapters[0].config.get("revision"), "structure_digest": structure}
 
 
 def _common_shape(name: str, specs: list[ModuleSpec]) -> ModuleSpec:

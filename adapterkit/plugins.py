@@ -88,7 +88,7 @@ class Plugins:
         """Call ``hook`` on each plugin in turn with a ``register`` that remembers who registered what."""
         found: dict[str, tuple[Any, str]] = {}
         caller = getattr(self.pm.hook, hook)
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in caller.get_hookimpls():  # registration order: built-ins first
             owner = impl.plugin_name
 
             def register(*args: Any, _owner: str = owner) -> None:
@@ -123,7 +123,7 @@ class Plugins:
         }
 
     def register_commands(self, cli: click.Group) -> None:
-        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+        for impl in self.pm.hook.register_commands.get_hookimpls():
             try:
                 impl.function(**{arg: cli for arg in impl.argnames})
             except Exception as exc:  # one plugin's command must not take the CLI down

@@ -233,3 +233,28 @@ def test_cuda_matches_cpu(parents: list[Adapter]) -> None:
     svd_gpu = compose(parents, WEIGHTS, "svd", rank=4, dtype=torch.float64, device="cuda")
     for name in svd_cpu.modules:
         assert rel(svd_gpu.delta(name, torch.float64), svd_cpu.delta(name, torch.float64)) <= 1e-9
+
+
+def test_same_inputs_and_seed_give_the_same_digest(parents: list[Adapter], tmp_path: Path) -> None:
+    from adapterkit import Store
+
+    store = Store(tmp_path / "store")
+    first = store.put(compose(parents, WEIGHTS, "dare_ties", density=0.5, seed=11), "blend:first")
+    second = store.put(compose(parents, WEIGHTS, "dare_ties", density=0.5, seed=11), "blend:second")
+    other = store.put(compose(parents, WEIGHTS, "dare_ties", density=0.5, seed=12), "blend:other")
+    assert first.digest == second.digest and second.new_bytes == 0
+    assert other.digest != first.digest
+    lineage = store.show("blend:first")["lineage"]
+    assert lineage["parameters"] == {"density": 0.5, "seed": 11, "majority_sign_method": "total"}
+
+
+def test_a_stored_blend_loads_back_with_the_same_deltas(parents: list[Adapter], tmp_path: Path) -> None:
+    from adapterkit import Store
+
+    store = Store(tmp_path / "store")
+    blended = compose(parents, WEIGHTS, "svd", rank=5)
+    store.put(blended, "blend")
+    loaded = store.get("blend")
+    assert loaded.metadata["lineage"]["strategy"] == "svd"
+    for name in blended.modules:
+        assert torch.equal(loaded.delta(name), blended.delta(name))

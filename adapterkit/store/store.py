@@ -12,11 +12,15 @@ Layout (documented in docs/store-format.md)::
 Writes go blobs, then metadata, then manifest, then ref, each published atomically, all under
 the gc lock held shared, so a reader or a crash never sees a ref to something incomplete.
 This module never imports torch; only ``get`` (which returns tensors) and ``.bin`` imports do.
+
+Nothing is created until the first write: reading, ``verify`` or ``gc`` on a path that holds no
+store leave it untouched, so pointing ``--store`` at the wrong directory cannot litter it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import (
+    AdapterFormatError,
     AdapterkitError,
     AmbiguousReferenceError,
     BaseModelError,
@@ -36,23 +41,27 @@ from adapterkit.errors import (
     StoreError,
 )
 from adapterkit.fingerprint import base_weight_key, fingerprint
-from adapterkit.lora_config import ModuleSpec
+from adapterkit.lora_config import ModuleSpec, describe_modules, validate_lora_config
 from adapterkit.peft_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME, AdapterFolder, config_bytes, open_folder
 from adapterkit.safetensors_io import iter_canonical_bytes
 from adapterkit.store.documents import Layer, build_manifest, build_metadata, canonical_json, parse_manifest
 from adapterkit.store.documents import parse_metadata as _parse_metadata
 from adapterkit.store.fsutil import replace_atomic
-from adapterkit.store.locks import file_lock
+from adapterkit.store.locks import gc_lock
 from adapterkit.store.names import digest_prefix, parse_ref, parse_tag_ref
 from adapterkit.store.objects import ObjectDir
 from adapterkit.store.refs import ANY, RefStore
 
 if TYPE_CHECKING:
     from adapterkit.lora import Adapter
+    from adapterkit.store.gc import GcReport
+    from adapterkit.store.verify import VerifyReport
 
 __all__ = ["STORE_FORMAT_VERSION", "AddResult", "Store", "default_store_path"]
 
 STORE_FORMAT_VERSION = 1
+#: What a first writer killed before ``store.json`` appeared can leave behind (see ``_writing``).
+_BOOTSTRAP_ENTRIES = frozenset({"locks", "tmp"})
 Progress = Callable[[int], None]
 
 
@@ -88,7 +97,13 @@ class Store:
 
     # -- layout -------------------------------------------------------------------------------
 
+    def initialised(self) -> bool:
+        """Whether a store was ever written here (``store.json`` exists)."""
+        self._check_format()
+        return (self.root / "store.json").is_file()
+
     def _check_format(self) -> None:
+        """Refuse a store of another format version, or a directory that is not a store at all."""
         if self._checked_format:
             return
         marker = self.root / "store.json"
@@ -99,31 +114,38 @@ class Store:
             version = None
         except (ValueError, KeyError, TypeError):
             raise StoreError(f"{marker}: unreadable store marker; is {self.root} an adapterkit store?") from None
+        except OSError as exc:
+            raise StoreError(f"{marker}: cannot read ({exc.strerror or exc})") from None
         if version is not None and version != STORE_FORMAT_VERSION:
             raise StoreError(
                 f"{self.root}: store format version {version}; this adapterkit reads version {STORE_FORMAT_VERSION}"
             )
-        if version is None and self.root.exists() and any(self.root.iterdir()):
-            raise StoreError(f"{self.root}: exists, is not empty and is not an adapterkit store (no store.json)")
+        if version is None:
+            try:
+                foreign = self.root.exists() and any(p.name not in _BOOTSTRAP_ENTRIES for p in self.root.iterdir())
+            except OSError as exc:
+                raise StoreError(f"{self.root}: cannot be used as a store ({exc.strerror or exc})") from None
+            if foreign:
+                raise StoreError(f"{self.root}: exists, is not empty and is not an adapterkit store (no store.json)")
         self._checked_format = version is not None
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """Writers hold the gc lock shared, so gc (exclusive) never sweeps what a writer is publishing."""
+        """Writers hold the gc lock shared, so gc (exclusive) never sweeps what a writer is publishing.
+
+        A new store gets its ``store.json`` under that lock: before it, a concurrent gc could sweep
+        the marker's temp file; and a first writer killed half-way leaves only ``locks/`` and
+        ``tmp/``, which ``_check_format`` still accepts as an empty store.
+        """
         self._check_format()
-        if not (self.root / "store.json").exists():
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                replace_atomic(
-                    self.root / "store.json",
-                    canonical_json({"format": "adapterkit-store", "version": STORE_FORMAT_VERSION}) + b"\n",
-                    self.tmp,
-                )
-            except OSError as exc:
-                raise StoreError(f"cannot create store at {self.root}: {exc.strerror}") from None
-            self._checked_format = True
         try:
-            with file_lock(self.root / "locks" / "gc.lock", shared=True, timeout=self.lock_timeout, what="gc"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            with gc_lock(self.root / "locks", exclusive=False, timeout=self.lock_timeout):
+                marker = self.root / "store.json"
+                if not marker.exists():
+                    document = {"format": "adapterkit-store", "version": STORE_FORMAT_VERSION}
+                    replace_atomic(marker, canonical_json(document) + b"\n", self.tmp)
+                    self._checked_format = True
                 yield
         except OSError as exc:
             raise StoreError(f"cannot write to store {self.root}: {exc.strerror or exc}") from None
@@ -163,15 +185,59 @@ class Store:
             base_model=base_model,
             source=str(folder.path / CONFIG_NAME),
         )
-        readme = folder.readme.read_bytes() if folder.readme else None
+        try:
+            readme = folder.readme.read_bytes() if folder.readme else None
+        except OSError as exc:
+            raise AdapterFormatError(f"{folder.readme}: cannot read ({exc.strerror or exc})") from None
         with self._writing():
             digest, new_bytes = self._commit(
                 metadata, config_bytes(folder.config), weights_chunks, readme, progress=progress
             )
             if target is not None:
                 self._set_ref(target.name, target.tag, digest, f"add {folder.path}")
+            info = self.describe(digest)  # under the lock: an untagged adapter is gc-able once it is released
         ref = f"{target.name}:{target.tag}" if target else digest
-        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=self.describe(digest))
+        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info)
+
+    def put(self, adapter: Adapter, tag: str | None = None, *, message: str = "put") -> AddResult:
+        """Store an in-memory adapter (a blend from ``compose``, or one loaded and edited).
+
+        Its ``metadata`` may carry ``base_model`` and ``lineage``; they become part of the digest.
+        The config is re-resolved against the tensors first, so what is stored is exactly what
+        PEFT will load: a config that would give a module another scaling is refused.
+        """
+        from adapterkit.lora import dtype_name
+        from adapterkit.peft_io import tensors_to_bytes
+
+        target = parse_tag_ref(tag) if tag is not None else None
+        tensors = adapter.state_dict()
+        shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}
+        validate_lora_config(adapter.config, "adapter config")
+        modules, extras, _ = describe_modules(adapter.config, shapes, "adapter")
+        for spec in modules:
+            own = adapter.modules[spec.name].spec.scaling
+            if not math.isclose(spec.scaling, own, rel_tol=1e-12):
+                raise AdapterFormatError(
+                    f"adapter config gives module {spec.name!r} scaling {spec.scaling:g}, but the module has {own:g}"
+                )
+        given = adapter.metadata or {}
+        metadata = build_metadata(
+            peft_config=adapter.config,
+            modules=modules,
+            extra_tensors=extras,
+            safetensors_metadata=given.get("safetensors_metadata") or {},
+            base_model=given.get("base_model"),
+            lineage=given.get("lineage"),
+            source="adapter metadata",
+        )
+        weights = tensors_to_bytes(tensors)
+        with self._writing():
+            digest, new_bytes = self._commit(metadata, config_bytes(adapter.config), [weights], None)
+            if target is not None:
+                self._set_ref(target.name, target.tag, digest, message)
+            info = self.describe(digest)
+        ref = f"{target.name}:{target.tag}" if target else digest
+        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info)
 
     def _commit(
         self,
@@ -185,6 +251,7 @@ class Store:
         """Publish blobs, then metadata, then the manifest; returns (digest, new bytes)."""
         new_bytes = 0
         layers = []
+        self.manifests.put_bytes(b'{}')
         weights = self.blobs.put(weights_chunks, progress=progress)
         for title, stored in (
             (CONFIG_NAME, self.blobs.put_bytes(peft_config_bytes)),
@@ -205,8 +272,9 @@ class Store:
     def tag(self, ref: str, new_ref: str) -> str:
         """Point ``new_ref`` (``name[:tag]``) at the adapter ``ref`` resolves to."""
         target = parse_tag_ref(new_ref)
+        self.resolve(ref)  # fail before the store is touched; resolved again under the lock below
         with self._writing():
-            digest = self.resolve(ref)
+            digest = self.resolve(ref)  # gc cannot remove it now, until the ref is written
             self._set_ref(target.name, target.tag, digest, f"tag {ref}")
         return digest
 
@@ -215,12 +283,13 @@ class Store:
         parsed = parse_ref(ref)
         if parsed.name is None or parsed.tag is None:
             raise InvalidReferenceError(f"{ref!r}: rm removes refs; give NAME[:TAG]")
+        if not self.initialised():
+            raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}")
         with self._writing():
-            digest = self.refs.read(parsed.name, parsed.tag)
-            if digest is None:
-                raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}")
-            self.refs.update(parsed.name, parsed.tag, None, expected=digest, message=f"rm {ref}")
-        return digest
+            try:
+                return self.refs.delete(parsed.name, parsed.tag, message=f"rm {ref}")
+            except ReferenceNotFoundError:
+                raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}") from None
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -374,17 +443,23 @@ class Store:
 
     # -- maintenance ------------------------------------------------------------------------------
 
-    def verify(self, *, full: bool = False, progress: Progress | None = None) -> Any:
+    def verify(self, *, full: bool = False, progress: Progress | None = None) -> VerifyReport:
+        """Re-hash and check everything; corrupt objects are moved to ``corrupt/`` and reported."""
         from adapterkit.store.verify import verify_store
 
-        self._check_format()
-        return verify_store(self, full=full, progress=progress)
+        try:
+            return verify_store(self, full=full, progress=progress)
+        except OSError as exc:
+            raise StoreError(f"cannot verify store {self.root}: {exc.strerror or exc}") from None
 
-    def gc(self, *, grace: float = 86400.0, dry_run: bool = False) -> Any:
+    def gc(self, *, grace: float = 86400.0, dry_run: bool = False) -> GcReport:
+        """Remove what no ref or recent reflog entry reaches, once older than ``grace`` seconds."""
         from adapterkit.store.gc import collect
 
-        self._check_format()
-        return collect(self, grace=grace, dry_run=dry_run)
+        try:
+            return collect(self, grace=grace, dry_run=dry_run)
+        except OSError as exc:
+            raise StoreError(f"cannot gc store {self.root}: {exc.strerror or exc}") from None
 
 
 def _copy_verified(source: Path, target: Path, layer: Layer, progress: Progress | None) -> None:
