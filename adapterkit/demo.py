@@ -15,7 +15,10 @@ from pathlib import Path
 
 from adapterkit.store import Store
 
-__all__ = ["run_demo"]
+__all__ = ["DEMO_BASE_NAME", "run_demo"]
+
+#: What PEFT records as ``base_model_name_or_path`` for the demo's adapters.
+DEMO_BASE_NAME = "adapterkit-demo/tiny-llama"
 
 
 def _tiny_base() -> object:
@@ -24,6 +27,7 @@ def _tiny_base() -> object:
 
     torch.manual_seed(0)
     config = LlamaConfig(
+        name_or_path=DEMO_BASE_NAME,
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
@@ -106,6 +110,30 @@ def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
         echo(f"exported {name}:v1 to {exported}; PEFT loads it, max |logit diff| vs the original = {diff:.1e}")
     if worst > 1e-6:
         raise SystemExit(f"demo failed: exported adapters differ from the originals by {worst}")
+
+    import adapterkit
+
+    parents = [store.get(f"{name}:v1") for name in adapters]
+    blend = adapterkit.compose(parents, [0.7, -0.3], "linear")
+    stored = store.put(blend, "demo/blend:linear")
+    exact = max(
+        (blend.delta(n) - sum(w * p.delta(n) for p, w in zip(parents, (0.7, -0.3), strict=True) if n in p.modules))
+        .abs()
+        .max()
+        .item()
+        for n in blend.modules
+    )
+    echo(
+        f"composed 0.7 x summarize - 0.3 x translate (linear, exact): {stored.ref} {stored.digest[:19]}, "
+        f"r={stored.info['r']}, max |delta - weighted sum| = {exact:.1e}"
+    )
+    compressed = adapterkit.compose(parents, [0.7, -0.3], "svd", rank=4)
+    stored = store.put(compressed, "demo/blend:svd4")
+    errors = compressed.metadata["lineage"]["truncation_error"]
+    echo(
+        f"composed the same blend truncated to rank 4 (svd): {stored.ref} {stored.digest[:19]}, "
+        f"relative error per module {min(errors.values()):.2f} to {max(errors.values()):.2f}"
+    )
 
     report = store.verify(full=True)
     echo(f"verify --full: {report.blobs} blobs, {report.manifests} manifests, {report.refs} refs, ok={report.ok}")

@@ -23,6 +23,7 @@ __all__ = [
     "DELTA_CHANGING_FIELDS",
     "KEY_PREFIX",
     "ModuleSpec",
+    "canonical_config",
     "carried_features",
     "delta_blockers",
     "describe_modules",
@@ -75,7 +76,25 @@ def load_config_json(data: bytes, source: str) -> dict[str, Any]:
         raise AdapterFormatError(f"{source}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise AdapterFormatError(f"{source}: not a JSON object")
-    return doc
+    return canonical_config(doc)
+
+
+#: Config fields PEFT turns into sets: their order means nothing, and PEFT saves them in hash order.
+_SET_FIELDS = ("target_modules", "exclude_modules")
+
+
+def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with set-valued lists sorted and de-duplicated, so one adapter has one digest.
+
+    PEFT saves ``target_modules`` in set iteration order, which changes from run to run: the same
+    adapter saved twice would otherwise get two digests.
+    """
+    out = dict(config)
+    for field in _SET_FIELDS:
+        value = out.get(field)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            out[field] = sorted(set(value))
+    return out
 
 
 def validate_lora_config(config: Mapping[str, Any], source: str) -> None:

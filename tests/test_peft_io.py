@@ -23,6 +23,7 @@ from helpers import (
     load_peft,
     logits,
     make_lora,
+    save_lora,
     max_abs_diff,
     tiny_conv_net,
     tiny_gpt2,
@@ -413,3 +414,21 @@ def test_load_bin_reads_both_torch_formats(tmp_path):
         loaded = load_bin(path)
         assert loaded.keys() == tensors.keys()
         assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_target_module_order_does_not_change_the_digest(tmp_path: Path) -> None:
+    """PEFT saves target_modules in set order, which varies between runs: one adapter must keep one digest."""
+    import json
+
+    from adapterkit import Store
+
+    base = tiny_llama()
+    first = save_lora(base, tmp_path / "first", seed=1, target_modules=["q_proj", "v_proj", "k_proj"])
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    config = json.loads((first / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(config["target_modules"], reverse=True) + ["q_proj"]
+    (second / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    store = Store(tmp_path / "store")
+    assert store.add(first, "a").digest == store.add(second, "b").digest
+    assert read_adapter(second).config["target_modules"] == ["k_proj", "q_proj", "v_proj"]
