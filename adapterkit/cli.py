@@ -406,6 +406,63 @@ def compose(
 
 
 @cli.command()
+@click.argument("ref")
+@click.argument("dest")
+@json_option
+@click.pass_context
+def push(ctx: click.Context, ref: str, dest: str) -> None:
+    """Publish the adapter REF at DEST: a store root (file:///srv/ak, s3://bucket/prefix, a path),
+    optionally DEST/NAME:TAG to rename, or hf://org/repo[@branch]. Only what DEST lacks is sent."""
+    from adapterkit.sync import push as push_adapter
+
+    store = _store(ctx)
+    info = store.show(ref)
+    with _progress("pushing", info["size"]) as progress:
+        result = push_adapter(store, ref, dest, progress=progress)
+    _emit(
+        ctx,
+        {
+            "digest": result.digest,
+            "refs": info["refs"],
+            "remote": result.ref,
+            "transferred_bytes": result.transferred_bytes,
+            "skipped_bytes": result.skipped_bytes,
+        },
+        lambda: (
+            f"pushed {result.digest} to {result.ref} ({human_size(result.transferred_bytes)} sent, "
+            f"{human_size(result.skipped_bytes)} already there)"
+        ),
+    )
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--tag", "-t", metavar="NAME[:TAG]", help="Local ref [default: the remote's name and tag].")
+@json_option
+@click.pass_context
+def pull(ctx: click.Context, source: str, tag: str | None) -> None:
+    """Fetch an adapter: SOURCE is REMOTE_ROOT/NAME[:TAG], REMOTE_ROOT/NAME@sha256:... or hf://org/repo[@revision]."""
+    from adapterkit.sync import pull as pull_adapter
+
+    store = _store(ctx)
+    result = pull_adapter(store, source, tag)
+    _emit(
+        ctx,
+        {
+            "digest": result.digest,
+            "refs": store.refs_by_digest().get(result.digest, []),
+            "ref": result.ref,
+            "transferred_bytes": result.transferred_bytes,
+            "skipped_bytes": result.skipped_bytes,
+        },
+        lambda: (
+            f"pulled {result.ref} {result.digest} ({human_size(result.transferred_bytes)} received, "
+            f"{human_size(result.skipped_bytes)} already here)"
+        ),
+    )
+
+
+@cli.command()
 @json_option
 @click.pass_context
 def plugins(ctx: click.Context) -> None:

@@ -19,6 +19,9 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── RefConflictError         a compare-and-swap ref update lost a race
     │   ├── IntegrityError           stored bytes do not match their digest or size
     │   └── StoreLockedError         a lock could not be taken in time
+    ├── SyncError                    push or pull failed (network, remote state, verification)
+    │   ├── UnknownRemoteError       no plugin handles that URL scheme
+    │   └── RemoteConflictError      the remote ref moved while pushing (another push won the race)
     └── PluginError                  a plugin failed to load or clashes with another
 """
 
@@ -36,10 +39,13 @@ __all__ = [
     "InvalidReferenceError",
     "PluginError",
     "RefConflictError",
+    "RemoteConflictError",
     "ReferenceNotFoundError",
     "SchemaValidationError",
     "StoreError",
     "StoreLockedError",
+    "SyncError",
+    "UnknownRemoteError",
     "UnknownStrategyError",
     "UnsupportedAdapterError",
 ]
@@ -115,6 +121,18 @@ class IntegrityError(StoreError):
 
 class StoreLockedError(StoreError):
     """A store lock could not be acquired within the timeout."""
+
+
+class SyncError(AdapterkitError):
+    """A push or pull could not complete; nothing half-written was left in the local store."""
+
+
+class UnknownRemoteError(SyncError):
+    """No registered remote handles this URL scheme."""
+
+
+class RemoteConflictError(SyncError):
+    """The remote changed between reading and writing it (a concurrent push)."""
 
 
 class PluginError(AdapterkitError):
