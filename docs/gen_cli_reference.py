@@ -1,7 +1,7 @@
 """Regenerate docs/cli.md from the CLI's own --help output.
 
-    python docs/gen_cli_reference.py          # rewrite docs/cli.md
-    python docs/gen_cli_reference.py --check  # exit 1 when docs/cli.md is stale (the test suite does this)
+python docs/gen_cli_reference.py          # rewrite docs/cli.md
+python docs/gen_cli_reference.py --check  # exit 1 when docs/cli.md is stale (the test suite does this)
 """
 
 from __future__ import annotations

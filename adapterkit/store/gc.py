@@ -4,7 +4,11 @@ Never automatic, and conservative by construction: it holds the gc lock exclusiv
 hold it shared), refuses to run while any ref or manifest is unreadable (an unreadable manifest
 would make its blobs look unreachable), deletes manifests before blobs so no manifest ever
 names a missing blob, and spares anything younger than the grace period (writers freshen the
-mtime of objects they reuse, as git does).
+mtime of objects they reuse, as git does). Files that are not shaped like store objects are
+left alone (verify reports them): gc only deletes what the store itself writes.
+
+A reflog entry naming a manifest that is gone is history, not damage: an earlier gc with a
+shorter grace removed it legitimately, so such entries are skipped rather than refused.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.errors import AdapterkitError, StoreError
 from adapterkit.store.documents import parse_manifest
 from adapterkit.store.fsutil import remove_quietly
-from adapterkit.store.locks import file_lock
+from adapterkit.store.locks import gc_lock
 
 if TYPE_CHECKING:
     from adapterkit.store.store import Store
@@ -64,38 +68,46 @@ class GcReport:
 
 
 def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
+    """Mark from refs and recent reflog entries, then sweep manifests, blobs and temp files."""
     report = GcReport(dry_run=dry_run)
-    if not store.root.exists():
-        return report
-    with file_lock(store.root / "locks" / "gc.lock", timeout=store.lock_timeout, what="gc"):
+    if not store.initialised():
+        return report  # nothing was ever written: don't create lock files in someone's directory
+    with gc_lock(store.root / "locks", exclusive=True, timeout=store.lock_timeout):
         now = time.time()
         cutoff = now - grace
-        roots: set[str] = set()
+        refs: dict[str, str] = {}
         for name, tag, _ in store.refs:
             try:
                 digest = store.refs.read(name, tag)
             except StoreError as exc:
-                raise StoreError(f"gc refused: {exc}; run `adapterkit verify` and fix or remove the ref") from None
+                raise StoreError(
+                    f"gc refused: {exc}; point it at an adapter (`adapterkit tag REF {name}:{tag}`) or delete that file"
+                ) from None
             if digest:
-                roots.add(digest)
+                refs[digest] = f"{name}:{tag}"
+        recent: set[str] = set()
         for _, _, entries in store.refs.all_logs():
             for entry in entries:
                 if entry.time >= cutoff:
-                    roots.update(d for d in (entry.old, entry.new) if d)
+                    recent.update(d for d in (entry.old, entry.new) if d)
 
         manifests: dict[str, tuple[Path, set[str]]] = {}
         for digest, path in store.manifests:
+            if not digest:
+                continue  # a stray: verify reports it, gc never deletes what it did not write
             try:
                 config, layers = parse_manifest(store.manifests.read(digest, what="manifest"), f"manifest {digest}")
             except AdapterkitError as exc:
-                raise StoreError(f"gc refused: {exc}; run `adapterkit verify` first") from None
+                reason = str(exc).removesuffix(" (run `adapterkit verify`)")
+                raise StoreError(f"gc refused: {reason}; run `adapterkit verify` first") from None
             manifests[digest] = (path, {config.digest, *(layer.digest for layer in layers)})
-        for digest in roots:
+        for digest, ref in sorted(refs.items()):
             if digest not in manifests:
                 raise StoreError(
-                    f"gc refused: a ref or recent reflog entry names {digest}, whose manifest is missing; "
-                    "run `adapterkit verify`"
+                    f"gc refused: ref {ref} names {digest}, whose manifest is missing; "
+                    "run `adapterkit verify`, then re-add the adapter or remove the ref"
                 )
+        roots = set(refs) | recent
 
         live_blobs: set[str] = set()
         doomed_manifests = []
@@ -107,11 +119,15 @@ def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
                 doomed_manifests.append(path)
         doomed_blobs = []
         for digest, path in store.blobs:
+            if not digest:
+                continue
             if digest in live_blobs or _mtime(path) >= cutoff:
                 report.kept_blobs += 1
             else:
                 doomed_blobs.append(path)
-        doomed_temp = [p for p in store.tmp.glob("*") if _mtime(p) < cutoff] if store.tmp.is_dir() else []
+        doomed_temp = (
+            [p for p in store.tmp.iterdir() if p.is_file() and _mtime(p) < cutoff] if store.tmp.is_dir() else []
+        )
 
         for path in (*doomed_manifests, *doomed_blobs, *doomed_temp):  # manifests first: never a dangling name
             report.removed.append((path.relative_to(store.root).as_posix(), _size(path)))

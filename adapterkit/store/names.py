@@ -2,7 +2,8 @@
 
 Names and tags follow the OCI distribution rules, which also make them safe as relative paths:
 no component can be empty, ``.`` or ``..``, none can start with ``/``, and no NUL or uppercase
-letter can appear in a name.
+letter can appear in a name. The name ``sha256`` is reserved: ``sha256:<x>`` always reads as a
+digest, so a ref of that name could be written but never addressed again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = ["DEFAULT_TAG", "DIGEST_RE", "Ref", "format_digest", "parse_ref", "par
 
 DEFAULT_TAG = "latest"
 MAX_REF_LENGTH = 255
+RESERVED_NAME = "sha256"
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -51,6 +53,8 @@ def _check_name(name: str, text: str) -> None:
             f"invalid adapter name {name!r} in {text!r}: use lowercase letters, digits and single separators "
             "(. _ -), with '/' between components"
         )
+    if name == RESERVED_NAME:
+        raise InvalidReferenceError(f"{text!r}: the name {RESERVED_NAME!r} is reserved for digests (sha256:<hex>)")
 
 
 def parse_tag_ref(text: str) -> Ref:

@@ -11,17 +11,20 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterkit.errors import IntegrityError, ReferenceNotFoundError
-from adapterkit.store.fsutil import fsync_dir, open_temp, remove_quietly, write_all
+from adapterkit.errors import IntegrityError, ReferenceNotFoundError, StoreError
+from adapterkit.store.fsutil import ensure_dir, fsync_dir, open_temp, remove_quietly, write_all
 
 __all__ = ["ObjectDir", "Stored", "hash_file"]
 
 _CHUNK = 1 << 20
+_FANOUT_RE = re.compile(r"[0-9a-f]{2}")
+_REST_RE = re.compile(r"[0-9a-f]{62}")
 Progress = Callable[[int], None]
 
 
@@ -78,25 +81,34 @@ class ObjectDir:
         return self.path(digest).is_file()
 
     def __iter__(self) -> Iterator[tuple[str, Path]]:
-        """Every stored object as (digest, path), including any whose name is not a digest."""
+        """Every entry as (digest, path); the digest is ``""`` for anything not shaped like an object.
+
+        Such strays (a file or directory someone put here) are reported by verify and left
+        alone by gc, which only deletes what the store itself could have written.
+        """
         if not self.root.is_dir():
             return
         for sub in sorted(self.root.iterdir()):
-            if not sub.is_dir():
+            if not (_FANOUT_RE.fullmatch(sub.name) and sub.is_dir() and not sub.is_symlink()):
                 yield "", sub
                 continue
             for entry in sorted(sub.iterdir()):
-                yield f"sha256:{sub.name}{entry.name}", entry
+                if _REST_RE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                    yield f"sha256:{sub.name}{entry.name}", entry
+                else:
+                    yield "", entry
 
     def put(self, chunks: Iterable[bytes], progress: Progress | None = None) -> Stored:
         """Store the concatenation of ``chunks``."""
         hasher = hashlib.sha256()
         size = 0
-        with open_temp(self.tmp_dir, "blob") as (fd, tmp):
-            writer = _Writer(fd)
+        with open_temp(self.tmp_dir, "blob") as temp:
+            writer = _Writer(temp.fd)
             writer.start()
             try:
                 for chunk in chunks:
+                    if writer.error is not None:
+                        break  # e.g. the disk is full: stop reading the source, report below
                     writer.chunks.put(chunk)
                     hasher.update(chunk)
                     size += len(chunk)
@@ -107,35 +119,38 @@ class ObjectDir:
                 writer.join()
             if writer.error is not None:
                 raise writer.error
-            os.fsync(fd)
-            os.close(fd)
+            temp.sync_and_close()
             digest = "sha256:" + hasher.hexdigest()
-            created = self._publish(tmp, digest, size)
+            created = self._publish(temp.path, digest, size)
         return Stored(digest, size, created)
 
     def put_bytes(self, data: bytes) -> Stored:
         return self.put([data])
 
     def _publish(self, tmp: Path, digest: str, size: int) -> bool:
+        """Give ``tmp`` its final name; False when the store already held the object.
+
+        ``link`` never replaces an existing name, so a concurrent writer of the same object
+        either wins (we see EEXIST and reuse its file) or loses to us; nobody overwrites.
+        """
         final = self.path(digest)
-        if self._reuse(final, size):
-            remove_quietly(tmp)
-            return False
         os.chmod(tmp, 0o444)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            remove_quietly(tmp)
+        ensure_dir(final.parent)
+        for _ in range(3):
             if self._reuse(final, size):
+                remove_quietly(tmp)
                 return False
-            raise
-        except OSError:  # filesystems without hard links
-            os.replace(tmp, final)
-        else:
-            os.unlink(tmp)
-        fsync_dir(final.parent)
-        return True
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                continue  # published (or damaged and moved aside) by someone else meanwhile: look again
+            except OSError:  # filesystems without hard links: rename (a racing writer holds the same bytes)
+                os.replace(tmp, final)
+            else:
+                remove_quietly(tmp)
+            fsync_dir(final.parent)
+            return True
+        raise StoreError(f"cannot publish {digest}: {final} keeps changing under this process")
 
     def _reuse(self, final: Path, size: int) -> bool:
         """True when ``final`` already holds these bytes; a wrong-sized one is moved aside first."""
@@ -146,15 +161,27 @@ class ObjectDir:
         if existing != size:
             self.quarantine(final)
             return False
-        os.utime(final)  # freshen: a gc that runs now keeps it for its grace period
+        try:
+            os.utime(final)  # freshen: a gc that runs later keeps it for its grace period
+        except FileNotFoundError:
+            return False  # moved aside meanwhile (verify found it corrupt): publish ours
+        except PermissionError:
+            pass  # another user's file in a shared store; the lock still keeps gc away while we write
         return True
 
-    def quarantine(self, path: Path) -> Path:
-        """Move a damaged object under ``corrupt/`` rather than deleting what may be the only copy."""
+    def quarantine(self, path: Path) -> Path | None:
+        """Move a damaged object under ``corrupt/`` rather than deleting what may be the only copy.
+
+        Returns where it went, or None when another process moved it first (two verifies, or
+        verify and a writer that found it the wrong size): it is out of the way either way.
+        """
         corrupt = self.root.parent.parent / "corrupt"
         corrupt.mkdir(parents=True, exist_ok=True)
         target = corrupt / f"{self.root.parent.name}-{path.parent.name}{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
-        os.replace(path, target)
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            return None
         return target
 
     def read(self, digest: str, size: int | None = None, *, what: str = "object") -> bytes:
@@ -164,10 +191,14 @@ class ObjectDir:
             data = path.read_bytes()
         except FileNotFoundError:
             raise ReferenceNotFoundError(
-                f"{what} {digest} is missing from the store (run `adapterkit verify`)"
+                f"{what} (object {digest}) is missing from the store (run `adapterkit verify`)"
             ) from None
+        except OSError as exc:
+            raise StoreError(f"{what} (object {digest}): cannot read {path} ({exc.strerror or exc})") from None
         if size is not None and len(data) != size:
-            raise IntegrityError(f"{what} {digest} is {len(data)} bytes, expected {size} (run `adapterkit verify`)")
+            raise IntegrityError(
+                f"{what} (object {digest}) is {len(data)} bytes, expected {size} (run `adapterkit verify`)"
+            )
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise IntegrityError(f"{what} {digest} does not match its digest (run `adapterkit verify`)")
+            raise IntegrityError(f"{what} (object {digest}) does not match its digest (run `adapterkit verify`)")
         return data

@@ -5,6 +5,11 @@ be a name component, so ``a:b`` and ``a/b:c`` never collide.) Updates take the r
 the current value with the expected one, and replace the file atomically; each change is
 appended to ``logs/<same path>`` so gc can keep recently unreferenced adapters alive and a
 user can see what a tag pointed at before.
+
+The reflog line is written (and fsynced) *before* the ref file changes, as git does: a process
+killed in between leaves a log entry for a change that did not happen, which is harmless (it only
+keeps an object alive one grace period longer), instead of a ref change with no log entry, which
+would let gc drop the adapter the ref pointed at before without its grace period.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from adapterkit.errors import RefConflictError, StoreError
-from adapterkit.store.fsutil import fsync_dir, replace_atomic
+from adapterkit.errors import RefConflictError, ReferenceNotFoundError, StoreError
+from adapterkit.store.fsutil import fsync_dir, replace_atomic, write_all
 from adapterkit.store.locks import file_lock
 from adapterkit.store.names import DIGEST_RE, NAME_RE, TAG_RE
 
@@ -65,16 +71,20 @@ class RefStore:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a directory where the file should be, no permission, ...
+            raise StoreError(f"ref {name}:{tag} is unreadable ({path}: {exc.strerror or exc})") from None
         text = raw.decode("ascii", "replace").strip()
         if not DIGEST_RE.fullmatch(text):
             raise StoreError(f"ref {name}:{tag} is corrupt ({path} does not hold a sha256 digest)")
         return text
 
+    def _lock(self, name: str, tag: str) -> AbstractContextManager[None]:
+        digest_lock = sha256(f"{name}:{tag}".encode()).hexdigest()[:32]
+        return file_lock(self.locks / "refs" / f"{digest_lock}.lock", timeout=self.lock_timeout, what=f"{name}:{tag}")
+
     def update(self, name: str, tag: str, new: str | None, *, expected: object = ANY, message: str = "") -> str | None:
         """Point ``name:tag`` at ``new`` (None deletes it) if it still holds ``expected``; returns the old value."""
-        path = self.path(name, tag)
-        digest_lock = sha256(f"{name}:{tag}".encode()).hexdigest()[:32]
-        with file_lock(self.locks / "refs" / f"{digest_lock}.lock", timeout=self.lock_timeout, what=f"{name}:{tag}"):
+        with self._lock(name, tag):
             try:
                 old = self.read(name, tag)
             except StoreError:
@@ -83,24 +93,41 @@ class RefStore:
                     raise
             if expected is not ANY and old != expected:
                 raise RefConflictError(f"ref {name}:{tag} moved to {old} while this command ran (expected {expected})")
-            if old == new:
-                return old
-            if new is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                fsync_dir(path.parent)
-            else:
-                replace_atomic(path, f"{new}\n".encode(), self.tmp_dir)
-            self._log(name, tag, old, new, message)
+            if old != new:
+                self._write(name, tag, old, new, message)
         return old
+
+    def delete(self, name: str, tag: str, *, message: str = "") -> str:
+        """Remove ``name:tag`` whatever it points at (read and removed under its lock); returns that digest."""
+        with self._lock(name, tag):
+            old = self.read(name, tag)
+            if old is None:
+                raise ReferenceNotFoundError(f"no ref {name}:{tag}")
+            self._write(name, tag, old, None, message)
+        return old
+
+    def _write(self, name: str, tag: str, old: str | None, new: str | None, message: str) -> None:
+        """Log, then change the ref file (the caller holds the ref's lock)."""
+        self._log(name, tag, old, new, message)
+        path = self.path(name, tag)
+        if new is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            fsync_dir(path.parent)
+        else:
+            replace_atomic(path, f"{new}\n".encode(), self.tmp_dir)
 
     def _log(self, name: str, tag: str, old: str | None, new: str | None, message: str) -> None:
         log = self.logs / self._rel(name, tag)
         log.parent.mkdir(parents=True, exist_ok=True)
-        line = f"{old or '-'} {new or '-'} {time.time():.6f} {message.replace(chr(10), ' ')}\n"
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        clean = "".join(ch if ch.isprintable() else " " for ch in message)  # one entry, one line
+        line = f"{old or '-'} {new or '-'} {time.time():.6f} {clean}\n".encode()
+        fd = os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, line.encode("utf-8"))
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                line = b"\n" + line  # a writer died (or hit a full disk) mid-line: don't glue onto its torn line
+            write_all(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -136,7 +163,7 @@ def _parse_log(path: Path) -> Iterator[ReflogEntry]:
         text = path.read_text("utf-8", errors="replace")
     except FileNotFoundError:
         return
-    for line in text.splitlines():
+    for line in text.split("\n"):
         parts = line.split(" ", 3)
         if len(parts) < 3:
             continue  # a torn last line from a killed writer

@@ -7,10 +7,14 @@ Layout (documented in docs/store-format.md)::
     <root>/manifests/sha256/<2>/<62>        one manifest per adapter; its sha256 is the adapter's digest
     <root>/refs/<name>/_tags/<tag>          "sha256:<hex>\\n"
     <root>/logs/<name>/_tags/<tag>          reflog: "<old> <new> <unix time> <message>" per line
-    <root>/tmp/ locks/ corrupt/ state/
+    <root>/locks/gc.lock gc.turnstile       the store-wide lock (writers shared, gc exclusive) and its queue
+    <root>/locks/refs/<hash>.lock           one per ref, for compare-and-swap
+    <root>/tmp/                             temp files, named "<pid>-<uuid>.<kind>"; gc removes stale ones
+    <root>/corrupt/ state/                  objects verify moved aside; verify's hash cache
 
-Writes go blobs, then metadata, then manifest, then ref, each published atomically, all under
-the gc lock held shared, so a reader or a crash never sees a ref to something incomplete.
+Writes go blobs, then metadata, then manifest, then reflog line, then ref, each published
+atomically, all under the gc lock held shared, so a reader or a crash never sees a ref to
+something incomplete, and a killed writer leaves at most temp files and unreferenced objects.
 This module never imports torch; only ``get`` (which returns tensors) and ``.bin`` imports do.
 
 Nothing is created until the first write: reading, ``verify`` or ``gc`` on a path that holds no
@@ -251,7 +255,6 @@ class Store:
         """Publish blobs, then metadata, then the manifest; returns (digest, new bytes)."""
         new_bytes = 0
         layers = []
-        self.manifests.put_bytes(b'{}')
         weights = self.blobs.put(weights_chunks, progress=progress)
         for title, stored in (
             (CONFIG_NAME, self.blobs.put_bytes(peft_config_bytes)),
