@@ -21,6 +21,7 @@ from adapterkit.errors import (
     IntegrityError,
     InvalidInputError,
     InvalidReferenceError,
+    MergeError,
     PluginError,
     RefConflictError,
     ReferenceNotFoundError,
@@ -36,7 +37,9 @@ from adapterkit.store import AddResult, GcReport, Store, VerifyReport
 if TYPE_CHECKING:
     from adapterkit.composition import compose
     from adapterkit.lora import Adapter, LoraModule
+    from adapterkit.merging import merge
     from adapterkit.peft_io import read_adapter, write_adapter
+    from adapterkit.stacking import attach
 
 __all__ = [
     "AdapterFormatError",
@@ -53,6 +56,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidReferenceError",
     "LoraModule",
+    "MergeError",
     "PluginError",
     "RefConflictError",
     "ReferenceNotFoundError",
@@ -64,8 +68,10 @@ __all__ = [
     "UnsupportedAdapterError",
     "VerifyReport",
     "__version__",
+    "attach",
     "compose",
     "fingerprint",
+    "merge",
     "read_adapter",
     "write_adapter",
 ]
@@ -73,7 +79,9 @@ __all__ = [
 _LAZY = {
     "Adapter": "adapterkit.lora",
     "LoraModule": "adapterkit.lora",
+    "attach": "adapterkit.stacking",
     "compose": "adapterkit.composition",
+    "merge": "adapterkit.merging",
     "read_adapter": "adapterkit.peft_io",
     "write_adapter": "adapterkit.peft_io",
 }

@@ -76,6 +76,28 @@ def _progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
         yield bar.update
 
 
+@contextmanager
+def _lazy_progress(label: str) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A progress bar for work whose total is known only at the first callback."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int, _item: str) -> None:
+        if "bar" not in state:
+            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            state["bar"].__enter__()
+        state["bar"].update(done - state.get("done", 0))
+        state["done"] = done
+
+    try:
+        yield update
+    finally:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--store",
@@ -403,6 +425,51 @@ def compose(
         return line
 
     _emit(ctx, {**info, "ref": result.ref, "new_bytes": result.new_bytes}, text)
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--weights", "-w", metavar="W,...", help="One weight per adapter (negative allowed) [default: 1 each].")
+@click.option(
+    "--base", "base_dir", required=True, type=click.Path(path_type=Path), metavar="BASE_DIR", help="Base model folder."
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), metavar="OUT_DIR", help="New folder.")
+@click.option("--dtype", help="Output dtype (bf16, fp16, fp32) [default: the base's].")
+@click.option("--device", help="torch device for the additions, e.g. cuda [default: cpu].")
+@click.option("--force", is_flag=True, help="Merge even when the adapters were made for another base.")
+@json_option
+@click.pass_context
+def merge(
+    ctx: click.Context,
+    refs: tuple[str, ...],
+    weights: str | None,
+    base_dir: Path,
+    out_dir: Path,
+    dtype: str | None,
+    device: str | None,
+    force: bool,
+) -> None:
+    """Bake the adapters REFS into the base model, streamed tensor by tensor, writing OUT_DIR."""
+    from adapterkit.merging import merge as merge_into_base
+
+    parsed_weights = _parse_weights(weights, len(refs))
+    store = _store(ctx)
+    adapters = [store.get(ref) for ref in refs]
+    with _lazy_progress("merging") as progress:
+        report = merge_into_base(
+            adapters, parsed_weights, base_dir, out_dir, dtype=dtype, device=device, force=force, progress=progress
+        )
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+
+    def text() -> str:
+        return (
+            f"merged {len(refs)} adapter{'s' if len(refs) > 1 else ''} into {report.out_dir}: "
+            f"{len(report.merged_tensors)} of {report.tensors} tensors changed, {report.shards} shards, "
+            f"{human_size(report.bytes_written)} written in {report.seconds:.1f} s"
+        )
+
+    _emit(ctx, report.to_json(), text)
 
 
 @cli.command()

@@ -135,6 +135,25 @@ def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
         f"relative error per module {min(errors.values()):.2f} to {max(errors.values()):.2f}"
     )
 
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = root / "merged"
+    merged = adapterkit.merge([store.get("demo/blend:svd4")], None, base_dir, merged_dir)
+    echo(
+        f"merged demo/blend:svd4 into the base, tensor by tensor: {merged_dir} "
+        f"({len(merged.merged_tensors)} of {merged.tensors} tensors changed)"
+    )
+    baked = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    stacked = adapterkit.attach(copy.deepcopy(base), [store.get("demo/blend:svd4")])
+    diff = (_logits(baked) - _logits(stacked)).abs().max().item()  # type: ignore[operator]
+    generated = baked.generate(torch.arange(4).reshape(1, 4), max_new_tokens=8, do_sample=False)
+    echo(
+        f"transformers loads the merged model; max |logit diff| vs the blend attached with PEFT = {diff:.1e}; "
+        f"greedy tokens: {generated[0, 4:].tolist()}"
+    )
+    if diff > 1e-5:
+        raise SystemExit(f"demo failed: merged model differs from the attached blend by {diff}")
+
     report = store.verify(full=True)
     echo(f"verify --full: {report.blobs} blobs, {report.manifests} manifests, {report.refs} refs, ok={report.ok}")
     echo(f"torch {torch.__version__}; try: adapterkit --store {root / 'store'} list")

@@ -19,6 +19,7 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── RefConflictError         a compare-and-swap ref update lost a race
     │   ├── IntegrityError           stored bytes do not match their digest or size
     │   └── StoreLockedError         a lock could not be taken in time
+    ├── MergeError                   writing a merged model failed part-way (nothing was left behind)
     ├── SyncError                    push or pull failed (network, remote state, verification)
     │   ├── UnknownRemoteError       no plugin handles that URL scheme
     │   └── RemoteConflictError      the remote ref moved while pushing (another push won the race)
@@ -37,6 +38,7 @@ __all__ = [
     "IntegrityError",
     "InvalidInputError",
     "InvalidReferenceError",
+    "MergeError",
     "PluginError",
     "RefConflictError",
     "RemoteConflictError",
@@ -121,6 +123,10 @@ class IntegrityError(StoreError):
 
 class StoreLockedError(StoreError):
     """A store lock could not be acquired within the timeout."""
+
+
+class MergeError(AdapterkitError):
+    """Writing the merged model failed part-way (disk full, base changed while read); nothing was left behind."""
 
 
 class SyncError(AdapterkitError):
