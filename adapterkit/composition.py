@@ -198,9 +198,27 @@ def compose(
         lineage["truncation_error"] = errors
 
     config = _derived_config(adapters[0].config, modules)
-    blended = Adapter(config=config, modules=modules, extra_tensors={}, key_prefix=adapters[0].key_prefix)
+    extras = _shared_extras(adapters)
+    blended = Adapter(config=config, modules=modules, extra_tensors=extras, key_prefix=adapters[0].key_prefix)
     blended.metadata = {"base_model": base_model, "lineage": lineage}
     return blended
+
+
+def _shared_extras(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """Tensors saved beside the factors (PEFT saves a resized embedding's full weight) ride along if all agree.
+
+    They are copies of base weights, not changes: a blend can carry one only when every parent that has it
+    holds the same values; anything else has no meaningful weighted sum and is refused.
+    """
+    import torch
+
+    extras: dict[str, torch.Tensor] = {}
+    for adapter in adapters:
+        for key, tensor in adapter.extra_tensors.items():
+            if key in extras and not torch.equal(extras[key], tensor):
+                raise CompositionError(f"adapters hold different values for {key!r}, which is not a LoRA factor")
+            extras.setdefault(key, tensor)
+    return extras
 
 
 def _identity(parent: Adapter, base_model: dict[str, Any] | None, lineage: dict[str, Any]) -> Adapter:

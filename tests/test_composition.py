@@ -258,3 +258,15 @@ def test_a_stored_blend_loads_back_with_the_same_deltas(parents: list[Adapter], 
     assert loaded.metadata["lineage"]["strategy"] == "svd"
     for name in blended.modules:
         assert torch.equal(loaded.delta(name), blended.delta(name))
+
+
+def test_saved_base_tensors_ride_along_when_parents_agree(parents: list[Adapter]) -> None:
+    """PEFT saves the embedding's own weight next to an embedding LoRA; a blend must keep it."""
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in parents[2].extra_tensors
+    blended = compose(parents, WEIGHTS, "svd", rank=2)
+    assert torch.equal(blended.extra_tensors[key], parents[2].extra_tensors[key])
+    other = copy.copy(parents[0])
+    other.extra_tensors = {key: parents[2].extra_tensors[key] + 1}
+    with pytest.raises(CompositionError, match="different values for 'base_model"):
+        compose([parents[2], other], [1, 1])
