@@ -127,6 +127,10 @@ def _short(digest: str) -> str:
     return digest[: len("sha256:") + 12]
 
 
+def _ranks_text(ranks: list[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+
+
 def _base_text(base: dict[str, Any] | None) -> str:
     if not base:
         return "-"
@@ -187,7 +191,7 @@ def list_(ctx: click.Context) -> None:
                     ", ".join(item["refs"]),
                     _short(item["digest"]),
                     _base_text(item["base_model"]),
-                    str(item["r"]),
+                    _ranks_text(item["ranks"]),
                     str(item["num_modules"]),
                     f"{item['num_parameters']:,}",
                     human_size(item["size"]),
@@ -214,7 +218,8 @@ def show(ctx: click.Context, ref: str) -> None:
             f"refs:        {', '.join(info['refs']) or '-'}",
             f"type:        {info['peft_type']} ({info['task_type'] or 'no task type'})",
             f"base model:  {_base_text(info['base_model'])}",
-            f"r / alpha:   {info['r']} / {info['lora_alpha']}{' (rslora)' if info['use_rslora'] else ''}",
+            f"r / alpha:   {info['r']} / {info['lora_alpha']}{' (rslora)' if info['use_rslora'] else ''}"
+            + (f", module ranks {_ranks_text(info['ranks'])}" if len(info["ranks"]) > 1 else ""),
             f"targets:     {', '.join(target) if isinstance(target, list) else target}",
             f"parameters:  {info['num_parameters']:,} in {info['num_modules']} modules",
             f"size:        {human_size(info['size'])}",

@@ -125,7 +125,7 @@ def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
     )
     echo(
         f"composed 0.7 x summarize - 0.3 x translate (linear, exact): {stored.ref} {stored.digest[:19]}, "
-        f"r={stored.info['r']}, max |delta - weighted sum| = {exact:.1e}"
+        f"module ranks {stored.info['ranks'][0]}-{stored.info['ranks'][-1]}, max |delta - weighted sum| = {exact:.1e}"
     )
     compressed = adapterkit.compose(parents, [0.7, -0.3], "svd", rank=4)
     stored = store.put(compressed, "demo/blend:svd4")

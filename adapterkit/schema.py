@@ -14,7 +14,7 @@ from typing import Any
 
 from adapterkit.errors import SchemaValidationError
 
-__all__ = ["ADAPTER_SCHEMA", "MANIFEST_SCHEMA", "load_schema", "validate"]
+__all__ = ["ADAPTER_SCHEMA", "MANIFEST_SCHEMA", "load_schema", "schemas_digest", "validate"]
 
 ADAPTER_SCHEMA = "adapter.schema.json"
 MANIFEST_SCHEMA = "manifest.schema.json"
@@ -26,6 +26,17 @@ def load_schema(name: str) -> dict[str, Any]:
     if packaged.is_file():
         return json.loads(packaged.read_text(encoding="utf-8"))
     return json.loads((Path(__file__).resolve().parent.parent / "schemas" / name).read_text(encoding="utf-8"))
+
+
+@functools.cache
+def schemas_digest() -> str:
+    """sha256 over both schemas (canonical JSON): it changes whenever what counts as valid changes."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    for name in (ADAPTER_SCHEMA, MANIFEST_SCHEMA):
+        hasher.update(json.dumps(load_schema(name), sort_keys=True, separators=(",", ":")).encode())
+    return hasher.hexdigest()
 
 
 @functools.cache

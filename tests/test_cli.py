@@ -120,3 +120,20 @@ def test_registry_commands_do_not_import_torch(store: Path) -> None:
 def test_python_dash_m_runs_the_cli() -> None:
     result = subprocess.run([sys.executable, "-m", "adapterkit", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "adapterkit, version" in result.stdout
+
+
+def test_list_skips_revalidating_documents_it_has_validated(store: Path) -> None:
+    """Schema validation is memoized by digest (the bytes are hash-checked on every read)."""
+    probe = (
+        "import sys\n"
+        "from adapterkit.cli import cli\n"
+        "cli.main(['--store', sys.argv[1], 'list'], standalone_mode=False)\n"
+        "print('jsonschema' in sys.modules)\n"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", probe, str(store)], capture_output=True, text=True).stdout.split()[-1]
+        for _ in range(2)
+    ]
+    assert runs[1] == "False"  # the warm run never needed jsonschema
+    (memo,) = (store / "state").glob("validated-*")
+    assert len(memo.read_text().split()) == 4  # two manifests and two metadata blobs

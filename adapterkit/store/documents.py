@@ -127,13 +127,14 @@ def _load(data: bytes, source: str) -> Any:
         raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
 
 
-def parse_manifest(data: bytes, source: str) -> tuple[Layer, list[Layer]]:
-    """(config blob, file layers) of a stored manifest, after schema validation."""
+def parse_manifest(data: bytes, source: str, *, known_valid: bool = False) -> tuple[Layer, list[Layer]]:
+    """(config blob, file layers) of a stored manifest, after schema validation (skipped when ``known_valid``)."""
     manifest = _load(data, source)
-    try:
-        validate(manifest, MANIFEST_SCHEMA, source)
-    except SchemaValidationError as exc:
-        raise IntegrityError(str(exc)) from None
+    if not known_valid:
+        try:
+            validate(manifest, MANIFEST_SCHEMA, source)
+        except SchemaValidationError as exc:
+            raise IntegrityError(str(exc)) from None
     config = Layer("", manifest["config"]["digest"], manifest["config"]["size"])
     layers = [Layer(d["annotations"][TITLE], d["digest"], d["size"]) for d in manifest["layers"]]
     titles = [layer.title for layer in layers]
@@ -142,10 +143,12 @@ def parse_manifest(data: bytes, source: str) -> tuple[Layer, list[Layer]]:
     return config, layers
 
 
-def parse_metadata(data: bytes, source: str) -> dict[str, Any]:
+def parse_metadata(data: bytes, source: str, *, known_valid: bool = False) -> dict[str, Any]:
+    """A stored metadata document, after schema validation (skipped when ``known_valid``)."""
     metadata = _load(data, source)
-    try:
-        validate(metadata, ADAPTER_SCHEMA, source)
-    except SchemaValidationError as exc:
-        raise IntegrityError(str(exc)) from None
+    if not known_valid:
+        try:
+            validate(metadata, ADAPTER_SCHEMA, source)
+        except SchemaValidationError as exc:
+            raise IntegrityError(str(exc)) from None
     return metadata

@@ -55,6 +55,7 @@ from adapterkit.store.locks import gc_lock
 from adapterkit.store.names import digest_prefix, parse_ref, parse_tag_ref
 from adapterkit.store.objects import ObjectDir
 from adapterkit.store.refs import ANY, RefStore
+from adapterkit.store.validated import ValidatedDigests
 
 if TYPE_CHECKING:
     from adapterkit.lora import Adapter
@@ -93,6 +94,7 @@ class Store:
         self.blobs = ObjectDir(self.root / "blobs" / "sha256", self.tmp)
         self.manifests = ObjectDir(self.root / "manifests" / "sha256", self.tmp)
         self.refs = RefStore(self.root, self.tmp, lock_timeout)
+        self._validated = ValidatedDigests(self.root)
         self.lock_timeout = lock_timeout
         self._checked_format = False
 
@@ -326,14 +328,26 @@ class Store:
         return found[0]
 
     def manifest(self, digest: str) -> tuple[Layer, list[Layer]]:
-        """(metadata blob, file layers) of the adapter ``digest``, verified and schema-checked."""
+        """(metadata blob, file layers) of the adapter ``digest``, hash-verified and schema-checked."""
         data = self.manifests.read(digest, what="manifest")
-        return parse_manifest(data, f"manifest {digest}")
+        known = digest in self._validated
+        parsed = parse_manifest(data, f"manifest {digest}", known_valid=known)
+        if not known:
+            self._validated.add(digest)
+        return parsed
 
     def metadata(self, digest: str) -> dict[str, Any]:
+        """The metadata document of the adapter ``digest``, hash-verified and schema-checked."""
         config, _ = self.manifest(digest)
+        return self._metadata_blob(digest, config)
+
+    def _metadata_blob(self, digest: str, config: Layer) -> dict[str, Any]:
         data = self.blobs.read(config.digest, config.size, what=f"metadata of {digest}")
-        return _parse_metadata(data, f"metadata of {digest}")
+        known = config.digest in self._validated
+        parsed = _parse_metadata(data, f"metadata of {digest}", known_valid=known)
+        if not known:
+            self._validated.add(config.digest)
+        return parsed
 
     def refs_by_digest(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -349,9 +363,7 @@ class Store:
     def describe(self, digest: str, *, refs: list[str] | None = None, modules: bool = True) -> dict[str, Any]:
         """What ``show`` prints: the adapter's digest, refs, files, config and modules."""
         config, layers = self.manifest(digest)
-        meta = _parse_metadata(
-            self.blobs.read(config.digest, config.size, what=f"metadata of {digest}"), f"metadata of {digest}"
-        )
+        meta = self._metadata_blob(digest, config)
         if refs is None:
             refs = self.refs_by_digest().get(digest, [])
         info: dict[str, Any] = {
@@ -366,6 +378,7 @@ class Store:
             "use_rslora": meta["use_rslora"],
             "target_modules": meta["target_modules"],
             "num_modules": len(meta["modules"]),
+            "ranks": sorted({module["r"] for module in meta["modules"]}),
             "num_parameters": meta["num_parameters"],
             "base_model": meta["base_model"],
             "lineage": meta["lineage"],
@@ -405,9 +418,7 @@ class Store:
         digest = self.resolve(ref)
         config, layers = self.manifest(digest)
         files = {layer.title: layer for layer in layers}
-        meta = _parse_metadata(
-            self.blobs.read(config.digest, config.size, what=f"metadata of {digest}"), f"metadata of {digest}"
-        )
+        meta = self._metadata_blob(digest, config)
         weights = files[WEIGHTS_NAME]
         tensors = load_safetensors(self.blobs.read(weights.digest, weights.size, what=f"weights of {digest}"))
         adapter = Adapter.from_state_dict(meta["peft_config"], tensors, f"weights of {digest}")
