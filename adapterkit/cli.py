@@ -11,7 +11,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +281,14 @@ def export(ctx: click.Context, ref: str, dest: Path) -> None:
     )
 
 
+def _stored_bytes(store: Store) -> int:
+    total = 0
+    for _, path in store.blobs:
+        with suppress(OSError):  # gc may remove a blob while we add up
+            total += path.stat().st_size
+    return total
+
+
 @cli.command()
 @click.option("--full", is_flag=True, help="Re-hash every blob, even those verified before and unchanged since.")
 @json_option
@@ -288,7 +296,9 @@ def export(ctx: click.Context, ref: str, dest: Path) -> None:
 def verify(ctx: click.Context, full: bool) -> None:
     """Check every blob, manifest and ref; move corrupt objects to corrupt/. Exit 1 on any problem."""
     store = _store(ctx)
-    report = store.verify(full=full)
+    total = _stored_bytes(store) if sys.stderr.isatty() else 0
+    with _progress("hashing", total) as progress:
+        report = store.verify(full=full, progress=progress)
 
     def text() -> str:
         lines = [
