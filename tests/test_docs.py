@@ -85,3 +85,12 @@ def test_cli_reference_is_current() -> None:
         [sys.executable, str(ROOT / "docs" / "gen_cli_reference.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_docs_index_is_the_readme() -> None:
+    """docs/index.md is README.md with links made relative to docs/ (regenerate with the sed in the docstring).
+
+    sed 's#(docs/#(#g' README.md > docs/index.md
+    """
+    readme = (ROOT / "README.md").read_text().replace("(docs/", "(")
+    assert (ROOT / "docs" / "index.md").read_text() == readme
