@@ -1,7 +1,7 @@
-"""The built-in strategies, registered through the same hook as any third-party plugin.
+"""The built-in strategies and remotes, registered through the same hooks as any third-party plugin.
 
-Hook implementations only. The strategy modules import torch, so they are imported when the
-hook runs (a composition), not when the CLI starts.
+Hook implementations only. The strategy modules import torch (and the s3 remote s3fs), so they are
+imported when the hook runs, not when the CLI starts.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from adapterkit.hookspecs import hookimpl
 
-__all__ = ["register_strategies"]
+__all__ = ["register_remotes", "register_strategies"]
 
 
 @hookimpl
@@ -19,3 +19,11 @@ def register_strategies(register: Any) -> None:
 
     for strategy in (linear.STRATEGY, svd.STRATEGY, ties.STRATEGY, dare.DARE_LINEAR, dare.DARE_TIES, prune.STRATEGY):
         register(strategy)
+
+
+@hookimpl
+def register_remotes(register: Any) -> None:
+    from adapterkit.remotes.fsspec_remote import SCHEMES, open_fsspec_remote
+
+    for scheme in SCHEMES:
+        register(scheme, open_fsspec_remote)

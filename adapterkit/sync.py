@@ -57,4 +57,4 @@ def pull(
     progress: Progress | None = None,
 ) -> TransferResult:
     """Fetch the adapter ``source`` names into ``store`` and point ``tag`` (default: the remote's) at it."""
-    return open_remote(source, plugins=plugins).pull(store, tag, progress=progress)
+    return open_remote(source, plugins=plugins).pull(store, source, tag, progress=progress)

@@ -137,3 +137,15 @@ def test_list_skips_revalidating_documents_it_has_validated(store: Path) -> None
     assert runs[1] == "False"  # the warm run never needed jsonschema
     (memo,) = (store / "state").glob("validated-*")
     assert len(memo.read_text().split()) == 4  # two manifests and two metadata blobs
+
+
+def test_push_and_pull_through_the_cli(store: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    pushed = json.loads(run("--store", store, "push", "team/a:v1", remote, "--json"))
+    assert pushed["remote"] == f"{remote}/team/a:v1" and pushed["transferred_bytes"] > 0
+    again = json.loads(run("--store", store, "push", "team/a:v1", f"file://{remote}", "--json"))
+    assert again["transferred_bytes"] == 0
+    other = tmp_path / "other"
+    pulled = json.loads(run("--store", other, "pull", f"{remote}/team/a:v1", "--tag", "mine/a:copy", "--json"))
+    assert pulled["digest"] == pushed["digest"] and pulled["refs"] == ["mine/a:copy"]
+    assert "mine/a:copy" in run("--store", other, "list")

@@ -132,7 +132,9 @@ def test_hook_register_remotes() -> None:
     plugins.register(MemoryRemotes, name="memory-remotes")
     factory = plugins.remotes()["mem"]
     assert factory("mem://x") == {"url": "mem://x"}
-    assert plugins.remote_owners() == {"mem": "memory-remotes"}
+    owners = plugins.remote_owners()
+    assert owners["mem"] == "memory-remotes"
+    assert owners["s3"] == "adapterkit.default_plugins"  # built-in remotes go through the same hook
 
 
 def test_duplicate_names_are_refused_naming_both_plugins() -> None:
