@@ -1,0 +1,580 @@
+"""The ``hf://`` remote against a real Hub API on 127.0.0.1: olah serves the reads, tests/hub_server.py the writes.
+
+Every push is read back through olah (an independent implementation of the Hub's read API over the same git
+repositories), every pull is made by the real huggingface_hub client, and PEFT itself loads what was pushed.
+Assertions about what crossed the wire are made on the server side: the commits it accepted, the bytes
+they carried, the requests it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from adapterkit_hub.card import model_card
+from adapterkit_hub.remote import MANIFEST_PATH, METADATA_PATH, HubRemote
+from adapterkit_hub.url import HubURL, default_local_ref, parse_hf_url
+from hub_server import HubServer
+
+from adapterkit import sync
+from adapterkit.errors import (
+    IntegrityError,
+    InvalidReferenceError,
+    ReferenceNotFoundError,
+    RemoteConflictError,
+    SyncError,
+    UnsupportedAdapterError,
+)
+from adapterkit.plugins import Plugins
+from adapterkit.store import Store
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    """olah + the write front-end on 127.0.0.1, started once for the module's tests, stopped at the end."""
+    server = HubServer(tmp_path_factory.mktemp("hub"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """huggingface_hub cut off from the machine's Hub settings: own HF_HOME, no token, not offline, no telemetry.
+
+    Per test, so nothing leaks into other modules. The constants are patched too: huggingface_hub read
+    them at import, possibly long before this fixture ran.
+    """
+    import huggingface_hub.constants as constants
+
+    home = tmp_path_factory.getbasetemp() / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_DISABLE_XET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+
+
+@pytest.fixture
+def fresh(hub: HubServer) -> Iterator[HubServer]:
+    """The session's Hub with its records, faults and token requirement cleared before and after the test."""
+    hub.reset()
+    yield hub
+    hub.reset()
+
+
+def repo_name(prefix: str = "adapter") -> str:
+    return f"org/{prefix}-{next(_names)}"
+
+
+def remote(hub: HubServer, url: str) -> HubRemote:
+    return HubRemote(url, endpoint=hub.endpoint)
+
+
+def gets(hub: HubServer, filename: str) -> int:
+    """How many times a client downloaded ``filename`` (GET on a resolve URL)."""
+    return sum(
+        1 for method, path in hub.requests if method == "GET" and "/resolve/" in path and path.endswith(filename)
+    )
+
+
+def file_sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def assert_untouched(store: Store, refs_before: dict[str, list[str]]) -> None:
+    """Nothing half-written: the refs are what they were and the store verifies clean."""
+    assert store.refs_by_digest() == refs_before
+    assert store.verify().ok
+
+
+def with_config(source: Path, dest: Path, **changes: Any) -> Path:
+    """A copy of a PEFT folder with ``changes`` merged into its adapter_config.json."""
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "adapter_config.json").read_text())
+    config.update(changes)
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
+# -- URLs ------------------------------------------------------------------------------------------------------
+
+
+def test_url_rules() -> None:
+    assert parse_hf_url("hf://org/name") == HubURL("org/name", None)
+    assert parse_hf_url("hf://gpt2@v1") == HubURL("gpt2", "v1")
+    assert parse_hf_url("hf://org/name@refs/pr/1") == HubURL("org/name", "refs/pr/1")
+    assert parse_hf_url("org/Name.v2@" + "a" * 40) == HubURL("org/Name.v2", "a" * 40)
+    assert str(parse_hf_url("hf://org/name@dev")) == "hf://org/name@dev"
+    for bad in ("hf://", "hf://org/name/extra", "hf://org/name@", "hf://org/na--me", "s3://org/name", "hf://a b/c"):
+        with pytest.raises(InvalidReferenceError):
+            parse_hf_url(bad)
+    with pytest.raises(InvalidReferenceError, match="model repositories"):
+        parse_hf_url("hf://datasets/org/name")
+    assert default_local_ref(parse_hf_url("hf://Org/My-LoRA")) == "my-lora:latest"
+    assert default_local_ref(parse_hf_url("hf://org/x@v1.0")) == "x:v1.0"
+    assert default_local_ref(parse_hf_url("hf://org/x@refs/pr/1")) == "x:refs-pr-1"
+    with pytest.raises(InvalidReferenceError, match="--tag"):
+        default_local_ref(parse_hf_url("hf://org/x_"))
+
+
+def test_registered_as_plugin() -> None:
+    plugins = Plugins()
+    assert plugins.remote_owners()["hf"] == "hf"
+    opened = sync.open_remote("hf://org/name@dev", plugins=plugins)
+    assert isinstance(opened, HubRemote) and opened.target == HubURL("org/name", "dev")
+
+
+# -- round trip ------------------------------------------------------------------------------------------------
+
+
+def test_round_trip_exact_digest_and_peft_loads(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """store A -> push -> pull -> store B keeps the digest; PEFT loads the repo straight from the Hub."""
+    from helpers import load_peft, logits, tiny_llama
+    from huggingface_hub import HfApi
+
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    digest = a.add(peft_folders.lora, "demo:v1").digest
+    repo = repo_name("demo")
+    sent: list[int] = []
+    pushed = remote(fresh, f"hf://{repo}").push(a, digest, "demo", "v1", progress=sent.append)
+    assert (pushed.digest, pushed.ref, pushed.skipped_bytes) == (digest, f"hf://{repo}@v1", 0)
+    assert sum(sent) == pushed.transferred_bytes > 0
+
+    # Server side: one commit, carrying the PEFT files, the card and adapterkit's manifest and metadata.
+    [commit] = fresh.commits
+    assert set(commit.files) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        MANIFEST_PATH,
+        METADATA_PATH,
+        ".adapterkit/README.md",
+    }
+    assert commit.received_bytes == pushed.transferred_bytes
+    files = fresh.files_at(repo, "v1")
+    assert file_sha(files[MANIFEST_PATH]) == digest
+    layers = {layer.title: layer for layer in a.manifest(digest)[1]}
+    for title, layer in layers.items():
+        hub_path = ".adapterkit/README.md" if title == "README.md" else title
+        assert file_sha(files[hub_path]) == layer.digest
+    # The Hub (olah) reports the weights as an LFS file with the stored blob's sha256.
+    api = HfApi(endpoint=fresh.olah_endpoint)
+    [weights] = api.get_paths_info(repo, ["adapter_model.safetensors"], revision="v1")
+    assert weights.lfs is not None and f"sha256:{weights.lfs.sha256}" == layers["adapter_model.safetensors"].digest
+    assert {t.name: t.target_commit for t in api.list_repo_refs(repo).tags} == {"v1": commit.oid}
+
+    received: list[int] = []
+    pulled = remote(fresh, f"hf://{repo}").pull(b, progress=received.append)
+    assert sum(received) == pulled.transferred_bytes > 0
+    local = f"{repo.split('/')[1]}:latest"
+    assert (pulled.digest, pulled.ref, pulled.skipped_bytes) == (digest, local, 0)
+    assert b.resolve(local) == digest and b.verify().ok
+    assert b.reflog(local)[-1]["message"].startswith(f"pull hf://{repo}")
+
+    # PEFT loads the repository as served by olah alone, and computes what the original adapter computes.
+    snapshot = api.snapshot_download(repo, revision="v1", cache_dir=tmp_path / "hf-cache")
+    base = tiny_llama(seed=0)
+    expected = logits(load_peft(base, peft_folders.lora))
+    assert torch.equal(logits(load_peft(base, Path(snapshot))), expected)
+    assert torch.equal(logits(load_peft(base, b.export(local, tmp_path / "export"))), expected)
+
+
+def test_second_push_sends_nothing(fresh: HubServer, peft_folders: Any, write_folder: Any, tmp_path: Path) -> None:
+    """Re-pushing sends no file bytes (no commit at all); another tag only adds a Hub tag; shared blobs stay put."""
+    store = Store(tmp_path / "s")
+    digest = store.add(peft_folders.lora, "demo:v1").digest
+    repo = repo_name()
+    hf = remote(fresh, f"hf://{repo}")
+    first = hf.push(store, digest, "demo", "v1")
+    assert len(fresh.commits) == 1
+    fresh.reset()
+
+    again = hf.push(store, digest, "demo", "v1")
+    assert (again.transferred_bytes, again.skipped_bytes) == (0, first.transferred_bytes)
+    assert fresh.commits == []
+    assert not any("/preupload/" in path or "/commit/" in path for _, path in fresh.requests)
+
+    other_tag = hf.push(store, digest, "demo", "v2")
+    assert other_tag.transferred_bytes == 0 and fresh.commits == []
+    refs = {t.name: t.target_commit for t in hf.api.list_repo_refs(repo).tags}
+    assert refs["v1"] == refs["v2"]
+
+    # Same weights and config, another README: only the card, the own README and the documents travel.
+    renamed = shutil.copytree(peft_folders.lora, tmp_path / "renamed")
+    (renamed / "README.md").write_text("# renamed\n")
+    twin = store.add(renamed, "demo:v3").digest
+    hf.push(store, twin, "demo", "v3")
+    [commit] = fresh.commits
+    assert set(commit.files) == {"README.md", ".adapterkit/README.md", MANIFEST_PATH}
+    assert commit.deleted == []
+
+    # An adapter without a README: the old own README is deleted, not left to contradict the manifest.
+    bare = store.add(write_folder(tmp_path / "bare", readme=None), "demo:v4").digest
+    hf.push(store, bare, "demo", "v4")
+    assert fresh.commits[-1].deleted == [".adapterkit/README.md"]
+    assert hf.pull(Store(tmp_path / "t")).digest == bare
+
+
+def test_push_to_branch_and_moving_tag(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """``@branch`` commits there (creating it); re-pushing a tag moves it, as a registry tag moves."""
+    store = Store(tmp_path / "s")
+    one = store.add(peft_folders.lora, "demo:v1").digest
+    two = store.add(peft_folders.lora2, "demo:v1").digest
+    repo = repo_name()
+    main_head = remote(fresh, f"hf://{repo}").push(store, one, "demo", "stable")
+    dev = remote(fresh, f"hf://{repo}@dev").push(store, two, "demo", "latest")
+    assert dev.ref == f"hf://{repo}@dev"
+    assert [c.branch for c in fresh.commits] == ["main", "dev"]
+    pulled = Store(tmp_path / "p")
+    assert remote(fresh, f"hf://{repo}@dev").pull(pulled).digest == two
+    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == one
+    name = repo.split("/")[1]
+    assert pulled.resolve(f"{name}:dev") == two and pulled.resolve(f"{name}:latest") == one
+    assert main_head.ref == f"hf://{repo}@stable"
+
+    remote(fresh, f"hf://{repo}@dev").push(store, two, "demo", "stable")  # moves the tag to dev's head
+    assert remote(fresh, f"hf://{repo}@stable").pull(pulled, tag="moved:stable").digest == two
+
+    with pytest.raises(InvalidReferenceError, match="not a branch"):
+        remote(fresh, f"hf://{repo}@stable").push(store, one, "demo", "latest")
+
+
+def test_sync_dispatch_with_hf_endpoint(
+    fresh: HubServer, peft_folders: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI path: adapterkit.sync finds the plugin by scheme, the endpoint comes from HF_ENDPOINT."""
+    monkeypatch.setenv("HF_ENDPOINT", fresh.endpoint)
+    store = Store(tmp_path / "s")
+    digest = store.add(peft_folders.lora2, "sync-demo:v7").digest
+    repo = repo_name("sync")
+    pushed = sync.push(store, "sync-demo:v7", f"hf://{repo}")
+    assert (pushed.digest, pushed.ref) == (digest, f"hf://{repo}@v7")
+    target = Store(tmp_path / "t")
+    pulled = sync.pull(target, f"hf://{repo}@v7")
+    assert (pulled.digest, pulled.ref) == (digest, f"{repo.split('/')[1]}:v7")
+    renamed = sync.pull(target, f"hf://{repo}@v7", "mine:stable")
+    assert (renamed.digest, renamed.ref, target.resolve("mine:stable")) == (digest, "mine:stable", digest)
+
+
+def test_token_from_environment(
+    fresh: HubServer, write_folder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "s")
+    digest = store.add(write_folder(tmp_path / "f"), "tok:latest").digest
+    repo = repo_name("tok")
+    fresh.require_token = "hf_test_secret"
+    with pytest.raises(SyncError) as refused:
+        remote(fresh, f"hf://{repo}").push(store, digest, "tok", "latest")
+    assert "\n" not in str(refused.value) and "403" in str(refused.value)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_secret")
+    remote(fresh, f"hf://{repo}").push(store, digest, "tok", "latest")
+    assert len(fresh.commits) == 1
+
+
+# -- pulling repositories adapterkit did not write ------------------------------------------------------------
+
+
+def peft_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_pull_plain_peft_repo_at_tag_and_commit(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """Any PEFT repo: no manifest, imported like `adapterkit add`, at a tag, a commit sha and a branch."""
+    repo = repo_name("plain")
+    first = fresh.seed(repo, peft_files(peft_folders.lora), tags=("v1",))
+    fresh.seed(repo, peft_files(peft_folders.lora2))
+    reference = Store(tmp_path / "ref")
+    one, two = reference.add(peft_folders.lora).digest, reference.add(peft_folders.lora2).digest
+
+    store = Store(tmp_path / "s")
+    name = repo.split("/")[1]
+    at_tag = remote(fresh, f"hf://{repo}@v1").pull(store)
+    assert (at_tag.digest, at_tag.ref) == (one, f"{name}:v1")
+    at_commit = remote(fresh, f"hf://{repo}@{first}").pull(store)
+    assert (at_commit.digest, at_commit.ref) == (one, f"{name}:{first}")
+    assert remote(fresh, f"hf://{repo}").pull(store).digest == two
+    assert store.verify().ok
+    # PEFT's own safetensors layout is not canonical, so its LFS sha256 names no stored blob: fetched each time.
+    assert gets(fresh, "adapter_model.safetensors") == 3
+
+    legacy = repo_name("bin")
+    fresh.seed(legacy, peft_files(peft_folders.lora_bin))
+    assert remote(fresh, f"hf://{legacy}").pull(store).digest == one  # .bin weights, same tensors
+
+
+def test_pull_plain_skips_blobs_the_store_has(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """Canonical weights on the Hub whose LFS sha256 the store already holds are not downloaded."""
+    store = Store(tmp_path / "s")
+    digest = store.add(peft_folders.lora, "mine:v1").digest
+    repo = repo_name("canonical")
+    fresh.seed(repo, peft_files(store.export("mine:v1", tmp_path / "exported")))
+    pulled = remote(fresh, f"hf://{repo}").pull(store, tag="theirs:v1")
+    assert pulled.digest == digest
+    weights = next(layer for layer in store.manifest(digest)[1] if layer.title == "adapter_model.safetensors")
+    assert pulled.skipped_bytes == weights.size
+    assert gets(fresh, "adapter_model.safetensors") == 0 and gets(fresh, "adapter_config.json") == 1
+
+
+def test_pull_with_manifest_skips_blobs_the_store_has(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    a = Store(tmp_path / "a")
+    digest = a.add(peft_folders.lora, "demo:v1").digest
+    repo = repo_name()
+    remote(fresh, f"hf://{repo}").push(a, digest, "demo", "v1")
+    fresh.reset()
+    pulled = remote(fresh, f"hf://{repo}@v1").pull(a, tag="again:v1")
+    assert pulled.digest == digest and a.resolve("again:v1") == digest
+    assert pulled.transferred_bytes == len(a.manifests.read(digest))  # only the manifest itself
+    assert gets(fresh, MANIFEST_PATH) == 1
+    assert gets(fresh, METADATA_PATH) == gets(fresh, "adapter_model.safetensors") == gets(fresh, "README.md") == 0
+
+
+def test_stale_manifest_falls_back_to_the_files(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """A repo edited after the push (config changed on the Hub): its files win, with a warning."""
+    a = Store(tmp_path / "a")
+    digest = a.add(peft_folders.lora, "demo:v1").digest
+    repo = repo_name("stale")
+    remote(fresh, f"hf://{repo}").push(a, digest, "demo", "v1")
+    edited = with_config(peft_folders.lora, tmp_path / "edited", lora_alpha=32)
+    fresh.seed(repo, {"adapter_config.json": (edited / "adapter_config.json").read_bytes()})
+    with pytest.warns(UserWarning, match="no longer matches"):
+        pulled = remote(fresh, f"hf://{repo}").pull(Store(tmp_path / "b"))
+    reference = Store(tmp_path / "ref")
+    (tmp_path / "hub-files").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (tmp_path / "hub-files" / name).write_bytes(fresh.files_at(repo)[name])
+    assert pulled.digest == reference.add(tmp_path / "hub-files").digest != digest
+
+
+# -- errors and faults ----------------------------------------------------------------------------------------
+
+
+def test_missing_repo_revision_and_files(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    with pytest.raises(ReferenceNotFoundError, match="no such model repository") as missing:
+        remote(fresh, "hf://org/does-not-exist").pull(store)
+    repo = repo_name("norev")
+    fresh.seed(repo, peft_files(peft_folders.lora))
+    with pytest.raises(ReferenceNotFoundError, match="no branch, tag or commit 'v9'") as no_rev:
+        remote(fresh, f"hf://{repo}@v9").pull(store)
+    empty = repo_name("empty")
+    fresh.create_repo(empty)
+    with pytest.raises(ReferenceNotFoundError, match="not a PEFT adapter repository") as not_peft:
+        remote(fresh, f"hf://{empty}").pull(store)
+    ia3 = repo_name("ia3")
+    config = json.loads((peft_folders.lora / "adapter_config.json").read_text()) | {"peft_type": "IA3"}
+    fresh.seed(ia3, {**peft_files(peft_folders.lora), "adapter_config.json": json.dumps(config).encode()})
+    with pytest.raises(UnsupportedAdapterError, match=f"^hf://{ia3}@[0-9a-f]{{40}}: adapter_config.json") as ia3_error:
+        remote(fresh, f"hf://{ia3}").pull(store)
+    for exc in (missing, no_rev, not_peft, ia3_error):
+        assert "\n" not in str(exc.value) and "adapterkit-hf-" not in str(exc.value)
+    assert not store.initialised()
+
+
+def test_unreachable_endpoint_is_a_sync_error(tmp_path: Path, write_folder: Any) -> None:
+    store = Store(tmp_path / "s")
+    digest = store.add(write_folder(tmp_path / "f"), "x:latest").digest
+    dead = HubRemote("hf://org/x", endpoint="http://127.0.0.1:9")
+    with pytest.raises(SyncError, match=r"127\.0\.0\.1:9") as push_error:
+        dead.push(store, digest, "x", "latest")
+    with pytest.raises(SyncError) as pull_error:
+        dead.pull(store)
+    assert "\n" not in str(push_error.value) + str(pull_error.value)
+
+
+def test_pull_corrupted_bytes(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """Bytes unlike the Hub's record (LFS sha256, git blob id): IntegrityError, nothing stored, a re-run works."""
+    a = Store(tmp_path / "a")
+    digest = a.add(peft_folders.lora, "demo:v1").digest
+    repo = repo_name("corrupt")
+    remote(fresh, f"hf://{repo}").push(a, digest, "demo", "v1")
+    plain = repo_name("corrupt-plain")
+    fresh.seed(plain, peft_files(peft_folders.lora))
+    b = Store(tmp_path / "b")
+    b.add(peft_folders.lora2, "other:latest")
+    before = b.refs_by_digest()
+    for url, filename in (
+        (f"hf://{repo}", "adapter_model.safetensors"),
+        (f"hf://{repo}", MANIFEST_PATH),
+        (f"hf://{plain}", "adapter_config.json"),
+    ):
+        fault = fresh.fault("corrupt", filename)
+        with pytest.raises(IntegrityError, match="does not match the Hub's") as caught:
+            remote(fresh, url).pull(b)
+        assert fault.hits == 1 and "\n" not in str(caught.value)
+        assert_untouched(b, before)
+    assert remote(fresh, f"hf://{repo}").pull(b).digest == digest
+    assert remote(fresh, f"hf://{plain}").pull(b).digest == digest  # PEFT's files of the same adapter
+    assert b.verify().ok
+
+
+def test_pull_dropped_connection(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """A connection cut mid-body: the client resumes once; cut every time, a clear SyncError and a clean store."""
+    a = Store(tmp_path / "a")
+    digest = a.add(peft_folders.lora, "demo:v1").digest
+    repo = repo_name("drop")
+    remote(fresh, f"hf://{repo}").push(a, digest, "demo", "v1")
+    b = Store(tmp_path / "b")
+    once = fresh.fault("drop", "adapter_model.safetensors")
+    assert remote(fresh, f"hf://{repo}").pull(b).digest == digest
+    assert once.hits == 1 and b.verify().ok
+
+    c = Store(tmp_path / "c")
+    always = fresh.fault("drop", "adapter_model.safetensors", times=100)
+    with pytest.raises(SyncError, match=r"downloading adapter_model\.safetensors failed") as caught:
+        remote(fresh, f"hf://{repo}").pull(c)
+    assert always.hits > 1 and "\n" not in str(caught.value)
+    assert not c.initialised() and c.verify().ok
+    fresh.reset()
+    assert remote(fresh, f"hf://{repo}").pull(c).digest == digest
+
+
+def test_push_commit_failure(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """A 500 on the commit: SyncError, the repo unchanged, no Hub tag; the re-run completes."""
+    store = Store(tmp_path / "s")
+    one = store.add(peft_folders.lora, "demo:v1").digest
+    two = store.add(peft_folders.lora2, "demo:v2").digest
+    repo = repo_name("fail")
+    hf = remote(fresh, f"hf://{repo}")
+    hf.push(store, one, "demo", "v1")
+    before = fresh.files_at(repo)
+    fault = fresh.fault("status", "/commit/main", method="POST", status=500)
+    with pytest.raises(SyncError, match=r"commit failed .*HTTP 500") as caught:
+        hf.push(store, two, "demo", "v2")
+    assert fault.hits == 1 and "\n" not in str(caught.value)
+    assert fresh.files_at(repo) == before and len(fresh.commits) == 1
+    assert "v2" not in {t.name for t in hf.api.list_repo_refs(repo).tags}
+    hf.push(store, two, "demo", "v2")
+    assert file_sha(fresh.files_at(repo, "v2")[MANIFEST_PATH]) == two
+
+
+def test_push_race_is_detected_not_overwritten(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """Another push lands between our read of the branch and our commit: RemoteConflictError, theirs intact."""
+    store = Store(tmp_path / "s")
+    ours = store.add(peft_folders.lora, "demo:ours").digest
+    theirs = store.add(peft_folders.lora2, "demo:theirs").digest
+    repo = repo_name("race")
+    hf = remote(fresh, f"hf://{repo}")
+    hf.push(store, ours, "demo", "latest")  # the repo exists; both pushes below start from this head
+
+    def other_push() -> None:
+        remote(fresh, f"hf://{repo}").push(store, theirs, "demo", "theirs")
+
+    fresh.fault("call", "/commit/main", method="POST", callback=other_push)
+    mine = store.add(peft_folders.lora_mlp, "demo:mine").digest
+    with pytest.raises(RemoteConflictError, match="moved while pushing") as caught:
+        hf.push(store, mine, "demo", "mine")
+    assert "\n" not in str(caught.value)
+    assert file_sha(fresh.files_at(repo)[MANIFEST_PATH]) == theirs
+    assert "mine" not in {t.name for t in hf.api.list_repo_refs(repo).tags}
+    hf.push(store, mine, "demo", "mine")  # re-run: reads the new head, commits on top of it
+    assert file_sha(fresh.files_at(repo, "mine")[MANIFEST_PATH]) == mine
+    assert file_sha(fresh.files_at(repo, "theirs")[MANIFEST_PATH]) == theirs
+
+
+def test_concurrent_pushes_one_repo(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
+    """Pushes racing for real: each wins or gets RemoteConflictError; the branch holds one whole adapter."""
+    store = Store(tmp_path / "s")
+    digests = [store.add(write_folder(tmp_path / f"f{i}", seed=i), f"c:v{i}").digest for i in range(4)]
+    repo = repo_name("concurrent")
+    barrier = threading.Barrier(len(digests))
+    outcomes: dict[int, str] = {}
+
+    def push(i: int) -> None:
+        barrier.wait()
+        try:
+            remote(fresh, f"hf://{repo}").push(store, digests[i], "c", f"v{i}")
+            outcomes[i] = "ok"
+        except RemoteConflictError:
+            outcomes[i] = "conflict"
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(digests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(outcomes) == len(digests) and "ok" in outcomes.values()
+    assert len(fresh.commits) == list(outcomes.values()).count("ok")
+    files = fresh.files_at(repo)
+    head = file_sha(files[MANIFEST_PATH])
+    assert head in {digests[i] for i, outcome in outcomes.items() if outcome == "ok"}
+    # The files at the head are exactly the ones its manifest names: no mix of two pushes.
+    pulled = Store(tmp_path / "p")
+    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == head
+    assert pulled.verify().ok
+
+
+# -- the model card -------------------------------------------------------------------------------------------
+
+
+def card_of(hub: HubServer, repo: str) -> tuple[dict[str, Any], str]:
+    import yaml
+
+    text = hub.files_at(repo)["README.md"].decode()
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_model_card(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+    """library_name peft, base_model only when it is a Hub id, tags lora + adapterkit; the Hub's YAML check passes."""
+    store = Store(tmp_path / "s")
+    hub_base = with_config(peft_folders.lora, tmp_path / "hub-base", base_model_name_or_path="meta-llama/Llama-3.2-1B")
+    local_base = with_config(peft_folders.lora, tmp_path / "local-base", base_model_name_or_path=str(tmp_path))
+    with_hub_id = store.add(hub_base, "card:hub").digest
+    with_path = store.add(local_base, "card:local").digest
+    repo_hub, repo_local = repo_name("card"), repo_name("card")
+    remote(fresh, f"hf://{repo_hub}").push(store, with_hub_id, "card", "latest")
+    remote(fresh, f"hf://{repo_local}").push(store, with_path, "card", "latest")
+    assert [c.repo_id for c in fresh.commits] == [repo_hub, repo_local]  # validate-yaml accepted both
+
+    data, body = card_of(fresh, repo_hub)
+    assert data["library_name"] == "peft" and data["base_model"] == "meta-llama/Llama-3.2-1B"
+    assert "pipeline_tag" not in data  # PEFT's LoraConfig here has no task_type to derive it from
+    assert {"lora", "adapterkit", "base_model:adapter:meta-llama/Llama-3.2-1B", "transformers"} <= set(data["tags"])
+    assert with_hub_id in body and 'PeftModel.from_pretrained(base, "' + repo_hub + '")' in body
+    assert "Model Card for Model ID" in body  # PEFT's own card text is kept
+
+    data, _ = card_of(fresh, repo_local)
+    assert "base_model" not in data and not any(t.startswith("base_model:") for t in data["tags"])
+    assert data["library_name"] == "peft" and {"lora", "adapterkit"} <= set(data["tags"])
+
+
+def test_card_refused_by_the_hub(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
+    """The adapter's own front matter is kept, so the Hub may refuse it: a one-line SyncError, nothing committed."""
+    store = Store(tmp_path / "s")
+    folder = write_folder(tmp_path / "f", readme="---\nlicense: not-a-license\n---\n# mine\n")
+    digest = store.add(folder, "bad:latest").digest
+    with pytest.raises(SyncError, match="refused the model card") as caught:
+        remote(fresh, f"hf://{repo_name('bad')}").push(store, digest, "bad", "latest")
+    assert "\n" not in str(caught.value) and "not-a-license" in str(caught.value) and fresh.commits == []
+
+
+def test_model_card_is_stable_across_pushes() -> None:
+    """A card pulled from the Hub and pushed again keeps one adapterkit section; no README gives a generated body."""
+    metadata = {"base_model": {"name": "org/base"}, "task_type": "CAUSAL_LM", "r": 4, "target_modules": ["q_proj"]}
+    first = model_card(metadata, "sha256:" + "1" * 64, "org/repo", b"---\nlicense: mit\ntags: [mine]\n---\n# Mine\n")
+    second = model_card(metadata, "sha256:" + "2" * 64, "org/repo", first)
+    text = second.decode()
+    assert text.count("adapterkit:begin") == 1 and "1" * 64 not in text and "2" * 64 in text
+    assert "license: mit" in text and "- mine" in text and "# Mine" in text
+    assert model_card(metadata, "sha256:" + "2" * 64, "org/repo", second) == second
+    assert "pipeline_tag: text-generation" in text and "AutoModelForCausalLM" in text
+    generated = model_card({"base_model": None}, "sha256:" + "3" * 64, "org/repo", None).decode()
+    assert generated.startswith("---\nlibrary_name: peft\n") and "# repo" in generated
