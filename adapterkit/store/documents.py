@@ -39,11 +39,12 @@ LAYER_MEDIA_TYPES = {
 FORMAT_VERSION = 1
 
 
-def canonical_json(document: Any) -> bytes:
+def canonical_json(document: Any, *, source: str = "document") -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the same document always gives the same bytes and digest."""
     try:
         text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError as exc:
-        raise AdapterFormatError(f"document cannot be stored as JSON ({exc})") from None
+        raise AdapterFormatError(f"{source}: cannot be stored as JSON ({exc}; NaN and Infinity are not JSON)") from None
     return text.encode("utf-8")
 
 

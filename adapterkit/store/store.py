@@ -191,14 +191,15 @@ class Store:
             base_model=base_model,
             source=str(folder.path / CONFIG_NAME),
         )
+        # Serialised before anything is written: a document JSON cannot hold (NaN, Infinity) is refused up front.
+        metadata_bytes = canonical_json(metadata, source=str(folder.path / CONFIG_NAME))
+        peft_config = config_bytes(folder.config)
         try:
             readme = folder.readme.read_bytes() if folder.readme else None
         except OSError as exc:
             raise AdapterFormatError(f"{folder.readme}: cannot read ({exc.strerror or exc})") from None
         with self._writing():
-            digest, new_bytes = self._commit(
-                metadata, config_bytes(folder.config), weights_chunks, readme, progress=progress
-            )
+            digest, new_bytes = self._commit(metadata_bytes, peft_config, weights_chunks, readme, progress=progress)
             if target is not None:
                 self._set_ref(target.name, target.tag, digest, f"add {folder.path}")
             info = self.describe(digest)  # under the lock: an untagged adapter is gc-able once it is released
@@ -236,9 +237,11 @@ class Store:
             lineage=given.get("lineage"),
             source="adapter metadata",
         )
+        metadata_bytes = canonical_json(metadata, source="adapter metadata")
+        peft_config = config_bytes(adapter.config)
         weights = tensors_to_bytes(tensors)
         with self._writing():
-            digest, new_bytes = self._commit(metadata, config_bytes(adapter.config), [weights], None)
+            digest, new_bytes = self._commit(metadata_bytes, peft_config, [weights], None)
             if target is not None:
                 self._set_ref(target.name, target.tag, digest, message)
             info = self.describe(digest)
@@ -247,7 +250,7 @@ class Store:
 
     def _commit(
         self,
-        metadata: dict[str, Any],
+        metadata_bytes: bytes,
         peft_config_bytes: bytes,
         weights_chunks: Any,
         readme: bytes | None,
@@ -265,7 +268,7 @@ class Store:
         ):
             layers.append(Layer(title, stored.digest, stored.size))
             new_bytes += stored.size if stored.created else 0
-        meta = self.blobs.put_bytes(canonical_json(metadata))
+        meta = self.blobs.put_bytes(metadata_bytes)
         new_bytes += meta.size if meta.created else 0
         manifest = self.manifests.put_bytes(canonical_json(build_manifest(Layer("", meta.digest, meta.size), layers)))
         new_bytes += manifest.size if manifest.created else 0
