@@ -94,3 +94,15 @@ def test_docs_index_is_the_readme() -> None:
     """
     readme = (ROOT / "README.md").read_text().replace("(docs/", "(")
     assert (ROOT / "docs" / "index.md").read_text() == readme
+
+
+def test_mkdocs_site_builds_strictly(tmp_path: Path) -> None:
+    """Every page in nav exists, every link resolves, no warnings (mkdocs build --strict)."""
+    pytest.importorskip("mkdocs")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
