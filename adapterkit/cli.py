@@ -358,6 +358,25 @@ def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
     )
 
 
+def _plan_text(plan: dict[str, Any]) -> str:
+    ranks = plan["ranks"]
+    rank_text = (
+        "unknown until the dense deltas are formed" if ranks is None else _ranks_text([ranks["min"], ranks["max"]])
+    )
+    lines = [
+        f"plan: {plan['strategy']} of {len(plan['weights'])} adapters, {plan['num_modules']} modules, "
+        f"output ranks {rank_text}",
+        f"output: {plan['output_parameters']:,} parameters, {human_size(plan['output_bytes'])}",
+        f"cost:   about {plan['flops']:.2e} FLOPs, peak about {human_size(plan['peak_bytes'])}",
+    ]
+    lines += [f"note:   {note}" for note in plan["notes"]]
+    for name, module in plan["modules"].items():
+        error = module.get("truncation_error")
+        extra = f"  error {error:.2e}" if error is not None else ""
+        lines.append(f"  {name}  rank {module['rank'] if module['rank'] is not None else '?'}{extra}")
+    return "\n".join(lines)
+
+
 def _parse_weights(text: str | None, count: int) -> list[float] | None:
     if text is None:
         return None
@@ -395,7 +414,8 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--param", "extra", multiple=True, metavar="KEY=VALUE", help="Any other strategy parameter.")
 @click.option("--device", help="torch device for the maths, e.g. cuda [default: cpu].")
 @click.option("--force", is_flag=True, help="Blend adapters made for different base models.")
-@click.option("--tag", "-t", required=True, metavar="NAME[:TAG]", help="Ref for the result.")
+@click.option("--tag", "-t", metavar="NAME[:TAG]", help="Ref for the result (required unless --dry-run).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (ranks, FLOPs, peak bytes) and store nothing.")
 @json_option
 @click.pass_context
 def compose(
@@ -410,11 +430,14 @@ def compose(
     extra: tuple[str, ...],
     device: str | None,
     force: bool,
-    tag: str,
+    tag: str | None,
+    dry_run: bool,
 ) -> None:
     """Blend the adapters REFS into a new adapter and store it under --tag."""
     import adapterkit
 
+    if tag is None and not dry_run:
+        raise click.UsageError("Missing option '--tag' / '-t' (needed unless --dry-run).")
     params = {
         k: v for k, v in {"rank": rank, "energy": energy, "density": density, "seed": seed}.items() if v is not None
     }
@@ -422,6 +445,13 @@ def compose(
     parsed_weights = _parse_weights(weights, len(refs))
     store = _store(ctx)
     parents = [store.get(ref) for ref in refs]
+    if dry_run:
+        from adapterkit.inspection import plan_compose
+
+        plan = plan_compose(parents, parsed_weights, strategy, device=device, force=force, **params)
+        _emit(ctx, plan, lambda: _plan_text(plan))
+        return
+    assert tag is not None
     blended = adapterkit.compose(parents, parsed_weights, strategy, device=device, force=force, **params)
     result = store.put(blended, tag)
     info = result.info
@@ -452,6 +482,9 @@ def compose(
 @click.option("--dtype", help="Output dtype (bf16, fp16, fp32) [default: the base's].")
 @click.option("--device", help="torch device for the additions, e.g. cuda [default: cpu].")
 @click.option("--force", is_flag=True, help="Merge even when the adapters were made for another base.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (tensors touched, bytes, FLOPs, peak memory); write nothing."
+)
 @json_option
 @click.pass_context
 def merge(
@@ -463,6 +496,7 @@ def merge(
     dtype: str | None,
     device: str | None,
     force: bool,
+    dry_run: bool,
 ) -> None:
     """Bake the adapters REFS into the base model, streamed tensor by tensor, writing OUT_DIR."""
     from adapterkit.merging import merge as merge_into_base
@@ -470,6 +504,21 @@ def merge(
     parsed_weights = _parse_weights(weights, len(refs))
     store = _store(ctx)
     adapters = [store.get(ref) for ref in refs]
+    if dry_run:
+        from adapterkit.inspection import plan_merge_summary
+
+        summary = plan_merge_summary(adapters, parsed_weights, base_dir, dtype=dtype, force=force)
+        _emit(
+            ctx,
+            summary,
+            lambda: (
+                f"plan: {len(summary['merged_tensors'])} of {summary['tensors']} tensors change, "
+                f"{summary['shards']} shards, {human_size(summary['bytes_written'])} to write to {out_dir}\n"
+                f"cost: about {summary['flops']:.2e} FLOPs, peak about {human_size(summary['peak_bytes'])}"
+                + "".join(f"\nwarning: {w}" for w in summary["warnings"])
+            ),
+        )
+        return
     with _lazy_progress("merging") as progress:
         report = merge_into_base(
             adapters, parsed_weights, base_dir, out_dir, dtype=dtype, device=device, force=force, progress=progress
@@ -485,6 +534,65 @@ def merge(
         )
 
     _emit(ctx, report.to_json(), text)
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--weights", "-w", metavar="W,...", help="Weights for the interference and energy of the blend.")
+@click.option("--rank-curve", is_flag=True, help="Include the whole energy-vs-rank curve of every module.")
+@click.option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG (needs matplotlib)."
+)
+@click.option("--force", is_flag=True, help="Inspect adapters made for different base models together.")
+@json_option
+@click.pass_context
+def inspect(
+    ctx: click.Context,
+    refs: tuple[str, ...],
+    weights: str | None,
+    rank_curve: bool,
+    plot_path: Path | None,
+    force: bool,
+) -> None:
+    """Spectra, effective ranks, pairwise interference and energy-vs-rank of adapters, before blending them."""
+    from adapterkit.inspection import inspect as inspect_adapters
+
+    store = _store(ctx)
+    adapters = [store.get(ref) for ref in refs]
+    report = inspect_adapters(
+        adapters, _parse_weights(weights, len(refs)), rank_curve=rank_curve or bool(plot_path), force=force
+    )
+    if plot_path is not None:
+        from adapterkit.plotting import plot
+
+        plot(report, plot_path)
+    _emit(ctx, report, lambda: _inspect_text(report, refs, plot_path))
+
+
+def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path | None) -> str:
+    lines = []
+    for ref, item in zip(refs, report["adapters"], strict=True):
+        lines.append(
+            f"{ref}: {item['num_modules']} modules, {item['num_parameters']:,} parameters, "
+            f"ranks {_ranks_text([item['ranks']['min'], item['ranks']['max']])}, "
+            f"mean effective rank {item['mean_effective_rank']:.1f}, |delta| {item['frobenius_norm']:.3g}"
+        )
+    interference = report["interference"]
+    if interference:
+        for pair in interference["pairs"]:
+            i, j = pair["adapters"]
+            cosine = "n/a" if pair["cosine"] is None else f"{pair['cosine']:+.3f}"
+            conflict = "n/a" if pair["sign_conflict"] is None else f"{pair['sign_conflict']:.1%}"
+            lines.append(
+                f"{refs[i]} x {refs[j]}: cosine {cosine} over {pair['shared_modules']} shared modules, "
+                f"sign conflicts {conflict}"
+            )
+    overall = report["energy"]["overall"]
+    kept = ", ".join(f"{float(k):.0%} at rank {v}" for k, v in overall["ranks_for_energy"].items())
+    lines.append(f"energy of the {'blend' if len(refs) > 1 else 'adapter'} kept by svd --rank K: {kept}")
+    if plot_path is not None:
+        lines.append(f"plot written to {plot_path}")
+    return "\n".join(lines)
 
 
 @cli.command()

@@ -149,3 +149,28 @@ def test_push_and_pull_through_the_cli(store: Path, tmp_path: Path) -> None:
     pulled = json.loads(run("--store", other, "pull", f"{remote}/team/a:v1", "--tag", "mine/a:copy", "--json"))
     assert pulled["digest"] == pushed["digest"] and pulled["refs"] == ["mine/a:copy"]
     assert "mine/a:copy" in run("--store", other, "list")
+
+
+def test_inspect_prints_interference_and_writes_a_plot(store: Path, tmp_path: Path) -> None:
+    report = json.loads(run("--store", store, "inspect", "team/a:v1", "team/b", "-w", "0.5,0.5", "--json"))
+    assert len(report["adapters"]) == 2 and len(report["interference"]["pairs"]) == 1
+    png = tmp_path / "inspect.png"
+    text = run("--store", store, "inspect", "team/a:v1", "team/b", "--plot", png)
+    assert "cosine" in text and f"plot written to {png}" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_dry_runs_plan_without_writing(store: Path, folders: dict[str, Path], tmp_path: Path) -> None:
+    before = sorted(p.relative_to(store) for p in store.rglob("*") if "state" not in p.parts)
+    plan = json.loads(
+        run("--store", store, "compose", "team/a:v1", "team/b", "-s", "svd", "--rank", "3", "--dry-run", "--json")
+    )
+    assert plan["ranks"] == {"min": 3, "max": 3} and plan["flops"] > 0
+    out = tmp_path / "merged"
+    summary = json.loads(
+        run("--store", store, "merge", "team/a:v1", "--base", folders["base"], "--out", out, "--dry-run", "--json")
+    )
+    assert len(summary["merged_tensors"]) == 4 and not out.exists()
+    assert sorted(p.relative_to(store) for p in store.rglob("*") if "state" not in p.parts) == before
+    result = CliRunner().invoke(cli, ["--store", str(store), "compose", "team/a:v1"])
+    assert result.exit_code == 2 and "--tag" in result.output

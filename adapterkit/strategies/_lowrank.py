@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -16,6 +17,7 @@ __all__ = [
     "majority_sign",
     "prune_magnitude",
     "prune_random",
+    "stacked_svd",
     "truncate_dense",
 ]
 
@@ -59,6 +61,18 @@ def _relative_tail(S: torch.Tensor, k: int) -> float:
     return float((power[k:].sum() / total).sqrt()) if total > 0 else 0.0
 
 
+def stacked_svd(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Qb, Qa, U, S, Vh)`` with ``sum_i w_i B_i A_i = (Qb U) diag(S) (Qa Vhᵀ)ᵀ``, from the R x R core only."""
+    A_cat = torch.cat([w * A for (A, _), w in zip(factors, weights, strict=True)], dim=0)
+    B_cat = torch.cat([B for _, B in factors], dim=1)
+    Qb, Rb = torch.linalg.qr(B_cat)
+    Qa, Ra = torch.linalg.qr(A_cat.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    return Qb, Qa, U, S, Vh
+
+
 def factor_svd(module: ModuleInput, *, rank: int | None, energy: float | None, default_rank: int) -> ModuleResult:
     """The best rank-k approximation of ``sum(w B A)``, from QR of the stacked factors and an SVD of the small core.
 
@@ -66,11 +80,7 @@ def factor_svd(module: ModuleInput, *, rank: int | None, energy: float | None, d
     (R = sum of ranks) is decomposed, so the cost is O((in + out) R²) and the out x in matrix is
     never formed. Eckart-Young makes the truncated SVD of the exact sum optimal in Frobenius norm.
     """
-    A_cat = torch.cat([w * A for (A, _), w in zip(module.factors, module.weights, strict=True)], dim=0)
-    B_cat = torch.cat([B for _, B in module.factors], dim=1)
-    Qb, Rb = torch.linalg.qr(B_cat)
-    Qa, Ra = torch.linalg.qr(A_cat.T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    Qb, Qa, U, S, Vh = stacked_svd(module.factors, module.weights)
     U, Vh = _fix_signs(U, Vh)
     k = choose_rank(S, rank, energy, default_rank)
     a_core, b_core = _split(U, S, Vh, k)
