@@ -131,6 +131,10 @@ def _ranks_text(ranks: list[int]) -> str:
     return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
 
+def _span(ranks: dict[str, int]) -> str:
+    return _ranks_text(sorted({ranks["min"], ranks["max"]}))
+
+
 def _base_text(base: dict[str, Any] | None) -> str:
     if not base:
         return "-"
@@ -360,9 +364,7 @@ def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
 
 def _plan_text(plan: dict[str, Any]) -> str:
     ranks = plan["ranks"]
-    rank_text = (
-        "unknown until the dense deltas are formed" if ranks is None else _ranks_text([ranks["min"], ranks["max"]])
-    )
+    rank_text = "unknown until the dense deltas are formed" if ranks is None else _span(ranks)
     lines = [
         f"plan: {plan['strategy']} of {len(plan['weights'])} adapters, {plan['num_modules']} modules, "
         f"output ranks {rank_text}",
@@ -574,7 +576,7 @@ def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path
     for ref, item in zip(refs, report["adapters"], strict=True):
         lines.append(
             f"{ref}: {item['num_modules']} modules, {item['num_parameters']:,} parameters, "
-            f"ranks {_ranks_text([item['ranks']['min'], item['ranks']['max']])}, "
+            f"ranks {_span(item['ranks'])}, "
             f"mean effective rank {item['mean_effective_rank']:.1f}, |delta| {item['frobenius_norm']:.3g}"
         )
     interference = report["interference"]
