@@ -11,13 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapterkit.errors import AdapterFormatError, BaseModelError
 from adapterkit.safetensors_io import Header, read_header
 
-__all__ = ["BaseFingerprint", "base_weight_key", "fingerprint", "read_base_headers"]
+__all__ = [
+    "INPUT_EMBEDDINGS",
+    "OUTPUT_EMBEDDINGS",
+    "BaseFingerprint",
+    "Shapes",
+    "base_weight_key",
+    "fingerprint",
+    "input_embedding",
+    "read_base_config",
+    "read_base_headers",
+    "resolve_target",
+    "tied_embedding",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -136,3 +150,62 @@ def base_weight_key(module: str, tensors: dict[str, tuple[str, tuple[int, ...]]]
     suffix = f".{module}.weight"
     matches = [name for name in tensors if name.endswith(suffix)]
     return matches[0] if len(matches) == 1 else None
+
+
+#: Output layers that transformers drops from the checkpoint when they are tied to the input embedding.
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+#: Where common causal-LM layouts keep the input embedding (Llama/Mistral/Qwen, GPT-2, BLOOM, GPT-NeoX, ...).
+INPUT_EMBEDDINGS = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+)
+#: tensor name -> (dtype, shape), as :func:`fingerprint` lists a base's tensors.
+Shapes = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def read_base_config(base_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The base's ``config.json``, or None when it has none."""
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BaseModelError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BaseModelError(f"{path}: not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BaseModelError(f"{path}: not a JSON object")
+    return doc
+
+
+def input_embedding(tensors: Shapes) -> str | None:
+    """The base's input embedding tensor, when exactly one tensor has a known embedding name."""
+    found = [name for name in tensors if any(name == s or name.endswith("." + s) for s in INPUT_EMBEDDINGS)]
+    return found[0] if len(found) == 1 else None
+
+
+def tied_embedding(tensors: Shapes, config: Mapping[str, Any] | None) -> str | None:
+    """The stored tensor that serves as both input and output embedding, or None when they are separate.
+
+    transformers saves a tied output layer not at all, so a base is tied when its config says so
+    (transformers' default is tied) and no output layer is stored.
+    """
+    if config is not None and config.get("tie_word_embeddings", True) is False:
+        return None
+    if any(name.rsplit(".", 2)[-2] in OUTPUT_EMBEDDINGS for name in tensors if "." in name):
+        return None  # the output layer is stored on its own
+    return input_embedding(tensors)
+
+
+def resolve_target(module: str, tensors: Shapes, tied: str | None) -> tuple[str | None, bool]:
+    """``(base tensor, reached through the tie)`` for a LoRA module path."""
+    key = base_weight_key(module, tensors)
+    if key is not None:
+        return key, False
+    if tied is not None and module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS:
+        return tied, True
+    return None, False

@@ -36,7 +36,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,14 @@ from adapterkit.errors import (
     MergeError,
     UnsupportedAdapterError,
 )
-from adapterkit.fingerprint import INDEX_NAME, base_weight_key, fingerprint, read_base_headers
+from adapterkit.fingerprint import (
+    INDEX_NAME,
+    fingerprint,
+    read_base_config,
+    read_base_headers,
+    resolve_target,
+    tied_embedding,
+)
 from adapterkit.lora_config import KEY_PREFIX, carried_features, delta_blockers
 from adapterkit.safetensors_io import CANONICAL_METADATA, DTYPE_SIZES, Header, TensorInfo
 
@@ -96,16 +103,6 @@ _DTYPE_ALIASES = {
 }
 #: The names transformers writes into config.json's ``torch_dtype`` / ``dtype``.
 _CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-#: Output layers that transformers drops from the checkpoint when they are tied to the input embedding.
-_OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
-#: Where common causal-LM layouts keep the input embedding (Llama/Mistral/Qwen, GPT-2, BLOOM, GPT-NeoX, ...).
-_INPUT_EMBEDDINGS = (
-    "embed_tokens.weight",
-    "wte.weight",
-    "word_embeddings.weight",
-    "embed_in.weight",
-    "tok_embeddings.weight",
-)
 #: Files in a model folder that hold weights in some other format: copying them would ship unmerged weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 _CHUNK = 1 << 24
@@ -269,50 +266,6 @@ def _check_adapters(adapters: Sequence[Adapter], base_digest: str, base_dir: Pat
         )
 
 
-def _read_config(base_dir: Path) -> dict[str, Any] | None:
-    path = base_dir / CONFIG_NAME
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BaseModelError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BaseModelError(f"{path}: not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise BaseModelError(f"{path}: not a JSON object")
-    return doc
-
-
-def _input_embedding(tensors: _Shapes) -> str | None:
-    """The base's input embedding tensor, when exactly one tensor has a known embedding name."""
-    found = [name for name in tensors if any(name == s or name.endswith("." + s) for s in _INPUT_EMBEDDINGS)]
-    return found[0] if len(found) == 1 else None
-
-
-def _tied_embedding(tensors: _Shapes, config: Mapping[str, Any] | None) -> str | None:
-    """The stored tensor that serves as both input and output embedding, or None when they are separate.
-
-    transformers saves a tied output layer not at all, so a base is tied when its config says so
-    (transformers' default is tied) and no output layer is stored.
-    """
-    if config is not None and config.get("tie_word_embeddings", True) is False:
-        return None
-    if any(name.rsplit(".", 2)[-2] in _OUTPUT_EMBEDDINGS for name in tensors if "." in name):
-        return None  # the output layer is stored on its own
-    return _input_embedding(tensors)
-
-
-def _resolve_target(module: str, tensors: _Shapes, tied: str | None) -> tuple[str | None, bool]:
-    """``(base tensor, reached through the tie)`` for a LoRA module path."""
-    key = base_weight_key(module, tensors)
-    if key is not None:
-        return key, False
-    if tied is not None and module.rsplit(".", 1)[-1] in _OUTPUT_EMBEDDINGS:
-        return tied, True
-    return None, False
-
-
 def _build_targets(
     adapters: Sequence[Adapter],
     weights: Sequence[float],
@@ -329,7 +282,7 @@ def _build_targets(
         # Direct targets first, so that with ensure_weight_tying the embedding's own module is the one kept.
         resolved = []
         for name, module in adapter.modules.items():
-            key, via_tie = _resolve_target(name, tensors, tied)
+            key, via_tie = resolve_target(name, tensors, tied)
             if key is None:
                 raise BaseModelError(
                     f"{base_dir}: has no weight for module {name!r} of {_label(adapter, i)} "
@@ -385,7 +338,7 @@ def _check_extra_tensors(
             path = key.removeprefix(adapter.key_prefix or KEY_PREFIX)
             base_key = None
             if path.endswith(".base_layer.weight"):
-                base_key, _ = _resolve_target(path.removesuffix(".base_layer.weight"), tensors, tied)
+                base_key, _ = resolve_target(path.removesuffix(".base_layer.weight"), tensors, tied)
             if base_key is None:
                 bias = adapter.config.get("bias", "none")
                 cause = (
@@ -443,12 +396,12 @@ def plan_merge(
     fp = fingerprint(base)
     _check_adapters(adapters, fp.structure_digest, base, force)
     try:
-        config = _read_config(base)
+        config = read_base_config(base)
     except BaseModelError:
         if code is not None:
             raise  # its dtype must be rewritten
         config = None  # copied as it is; only the tie default is lost
-    tied = _tied_embedding(fp.tensors, config)
+    tied = tied_embedding(fp.tensors, config)
     targets, warnings = _build_targets(adapters, values, fp.tensors, tied, base)
     owner = {name: (path, header) for path, header in headers.items() for name in header.tensors}
 
@@ -830,7 +783,7 @@ def _copy_files(plan: MergePlan, tmp: Path) -> list[str]:
     for path in plan.copy_files:
         target = tmp / path.name
         if path.name == CONFIG_NAME and plan.dtype is not None:
-            config = _read_config(plan.base_dir) or {}
+            config = read_base_config(plan.base_dir) or {}
             name = _CONFIG_DTYPE_NAMES[plan.dtype]
             keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
             for key in keys:

@@ -1004,3 +1004,14 @@ def test_readding_an_old_unreachable_adapter_freshens_it(store: Store, make_adap
     assert {p for p, _ in store.gc(grace=0).removed} >= {
         store.manifests.path(digest).relative_to(store.root).as_posix()
     }
+
+
+def test_add_with_a_tied_base_accepts_an_lm_head_adapter(tmp_path: Path) -> None:
+    """transformers stores no lm_head for a tied model; the adapter still fits the embedding it shares."""
+    from helpers import save_base, save_lora, tiny_llama
+
+    base = tiny_llama(tie_word_embeddings=True)
+    base_dir = save_base(base, tmp_path / "tied")
+    folder = save_lora(base, tmp_path / "head", target_modules=["q_proj", "lm_head"])
+    result = Store(tmp_path / "store").add(folder, "head", base=base_dir)
+    assert result.info["base_model"]["structure_digest"].startswith("sha256:")

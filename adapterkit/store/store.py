@@ -44,7 +44,7 @@ from adapterkit.errors import (
     ReferenceNotFoundError,
     StoreError,
 )
-from adapterkit.fingerprint import base_weight_key, fingerprint
+from adapterkit.fingerprint import fingerprint, read_base_config, resolve_target, tied_embedding
 from adapterkit.lora_config import ModuleSpec, describe_modules, validate_lora_config
 from adapterkit.peft_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME, AdapterFolder, config_bytes, open_folder
 from adapterkit.safetensors_io import iter_canonical_bytes
@@ -519,8 +519,9 @@ def _base_model_entry(
             return None
         return {"name": str(name), "revision": revision, "structure_digest": None}
     fp = fingerprint(base)
+    tied = tied_embedding(fp.tensors, read_base_config(base))  # an lm_head tied to the embedding is not stored
     for module in modules:
-        key = base_weight_key(module.name, fp.tensors)
+        key, _ = resolve_target(module.name, fp.tensors, tied)
         if key is None:
             raise BaseModelError(f"{base}: has no weight for adapter module {module.name!r}")
         shape = fp.tensors[key][1]
