@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
     from adapterkit.lora import Adapter
     from adapterkit.plugins import Plugins
+    from adapterkit.strategies.base import Strategy
 
-__all__ = ["adapter_digest", "check_compatible", "compose"]
+__all__ = ["adapter_digest", "check_compatible", "compose", "resolve_strategy"]
 
 
 def adapter_digest(adapter: Adapter) -> str:
@@ -95,6 +96,22 @@ def _common_shape(name: str, specs: list[ModuleSpec]) -> ModuleSpec:
     return first
 
 
+def resolve_strategy(
+    strategy: str, params: Mapping[str, Any], plugins: Plugins | None = None
+) -> tuple[Strategy, dict[str, Any]]:
+    """The registered strategy ``strategy`` and its full parameter set, or a clear error for either."""
+    from adapterkit.plugins import get_plugins
+
+    registry = (plugins or get_plugins()).strategies()
+    if strategy not in registry:
+        raise UnknownStrategyError(f"unknown strategy {strategy!r}; available: {', '.join(sorted(registry))}")
+    chosen = registry[strategy]
+    try:
+        return chosen, chosen.check_params(params)
+    except ValueError as exc:
+        raise CompositionError(str(exc)) from None
+
+
 def compose(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None = None,
@@ -114,24 +131,10 @@ def compose(
     """
     import torch
 
-    from adapterkit.lora import Adapter, LoraModule
-    from adapterkit.plugins import get_plugins
+    from adapterkit.lora import Adapter, LoraModule, check_weights
 
-    if not adapters:
-        raise CompositionError("compose needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise CompositionError(f"got {len(weights)} weights for {len(adapters)} adapters")
-    if not all(map(lambda w: w == w and abs(w) != float("inf"), weights)):
-        raise CompositionError("weights must be finite numbers")
-    registry = (plugins or get_plugins()).strategies()
-    if strategy not in registry:
-        raise UnknownStrategyError(f"unknown strategy {strategy!r}; available: {', '.join(sorted(registry))}")
-    chosen = registry[strategy]
-    try:
-        resolved = chosen.check_params(params)
-    except ValueError as exc:
-        raise CompositionError(str(exc)) from None
+    weights = check_weights(adapters, weights, "compose")
+    chosen, resolved = resolve_strategy(strategy, params, plugins)
     base_model = check_compatible(adapters, force=force)
     parents = [{"digest": adapter_digest(a), "weight": w} for a, w in zip(adapters, weights, strict=True)]
     lineage: dict[str, Any] = {

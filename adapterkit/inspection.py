@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapterkit.composition import _common_shape, adapter_digest, check_compatible
-from adapterkit.errors import CompositionError, UnknownStrategyError, UnsupportedAdapterError
+from adapterkit.composition import _common_shape, adapter_digest, check_compatible, resolve_strategy
+from adapterkit.errors import CompositionError, UnsupportedAdapterError
+from adapterkit.lora import check_weights
 from adapterkit.lora_config import delta_blockers
 from adapterkit.strategies._lowrank import _EXACT_SVD_LIMIT, choose_rank, derive_seed, stacked_svd
 
@@ -156,18 +157,6 @@ def _conflict(values_i: torch.Tensor, values_j: torch.Tensor, exact: bool) -> tu
 # --- argument checks shared with compose ------------------------------------------------------------------------
 
 
-def _check_weights(adapters: Sequence[Adapter], weights: Sequence[float] | None, what: str) -> list[float]:
-    """compose's checks, with compose's messages (``what`` names the operation)."""
-    if not adapters:
-        raise CompositionError(f"{what} needs at least one adapter")
-    values = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(values) != len(adapters):
-        raise CompositionError(f"got {len(values)} weights for {len(adapters)} adapters")
-    if not all(math.isfinite(w) for w in values):
-        raise CompositionError("weights must be finite numbers")
-    return values
-
-
 def _check_deltas(adapters: Sequence[Adapter]) -> None:
     """Refuse adapters whose weight change is not ``scaling * B @ A``: every number here would be wrong."""
     for adapter in adapters:
@@ -247,7 +236,7 @@ def inspect(
     "0.95", "0.99"}, ["curve"]}}, "overall": {"max_rank", "frobenius_norm", "ranks_for_energy",
     ["curve"]}}}``, curves only with ``rank_curve``.
     """
-    values = _check_weights(adapters, weights, "inspect")
+    values = check_weights(adapters, weights, "inspect")
     if sign_samples < 1:
         raise CompositionError(f"sign_samples must be at least 1, got {sign_samples}")
     _check_deltas(adapters)
@@ -458,17 +447,8 @@ def plan_compose(
     factors and the result's factors, which compose holds throughout. These are estimates for
     choosing between settings, not measurements.
     """
-    from adapterkit.plugins import get_plugins
-
-    values = _check_weights(adapters, weights, "compose")
-    registry = (plugins or get_plugins()).strategies()
-    if strategy not in registry:
-        raise UnknownStrategyError(f"unknown strategy {strategy!r}; available: {', '.join(sorted(registry))}")
-    chosen = registry[strategy]
-    try:
-        resolved = chosen.check_params(params)
-    except ValueError as exc:
-        raise CompositionError(str(exc)) from None
+    values = check_weights(adapters, weights, "compose")
+    chosen, resolved = resolve_strategy(strategy, params, plugins)
     base_model = check_compatible(adapters, force=force)
 
     factor_dtypes = {m.A.dtype for a in adapters for m in a.modules.values()}

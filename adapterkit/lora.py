@@ -8,13 +8,14 @@ copies, trainable tokens) rides along in :attr:`Adapter.extra_tensors`, untouche
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
+from adapterkit.errors import AdapterFormatError, CompositionError, UnsupportedAdapterError
 from adapterkit.lora_config import (
     KEY_PREFIX,
     ModuleSpec,
@@ -24,7 +25,7 @@ from adapterkit.lora_config import (
     validate_lora_config,
 )
 
-__all__ = ["TORCH_DTYPES", "Adapter", "LoraModule"]
+__all__ = ["TORCH_DTYPES", "Adapter", "LoraModule", "check_weights"]
 
 #: safetensors dtype names for the torch dtypes adapters use.
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -143,3 +144,15 @@ class Adapter:
         except KeyError:
             raise KeyError(f"adapter has no LoRA module {name!r}") from None
         return module.delta(dtype)
+
+
+def check_weights(adapters: Sequence[Adapter], weights: Sequence[float] | None, what: str) -> list[float]:
+    """One finite weight per adapter (1.0 each by default); ``what`` names the operation in the message."""
+    if not adapters:
+        raise CompositionError(f"{what} needs at least one adapter")
+    values = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(values) != len(adapters):
+        raise CompositionError(f"got {len(values)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in values):
+        raise CompositionError("weights must be finite numbers")
+    return values

@@ -30,7 +30,6 @@ Semantics follow PEFT's ``merge_and_unload`` on the same inputs, with two delibe
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
@@ -43,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import (
     BaseModelError,
-    CompositionError,
     IncompatibleAdaptersError,
     InvalidInputError,
     MergeError,
@@ -57,6 +55,7 @@ from adapterkit.fingerprint import (
     resolve_target,
     tied_embedding,
 )
+from adapterkit.lora import check_weights
 from adapterkit.lora_config import KEY_PREFIX, carried_features, delta_blockers
 from adapterkit.safetensors_io import CANONICAL_METADATA, DTYPE_SIZES, Header, TensorInfo
 
@@ -220,17 +219,6 @@ def _label(adapter: Adapter, index: int) -> str:
     return f"adapter {index + 1} ({adapter.digest[:19]})" if adapter.digest else f"adapter {index + 1}"
 
 
-def _check_weights(adapters: Sequence[Adapter], weights: Sequence[float] | None) -> list[float]:
-    if not adapters:
-        raise CompositionError("merge needs at least one adapter")
-    values = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(values) != len(adapters):
-        raise CompositionError(f"got {len(values)} weights for {len(adapters)} adapters")
-    if not all(math.isfinite(w) for w in values):
-        raise CompositionError("weights must be finite numbers")
-    return values
-
-
 def _check_adapters(adapters: Sequence[Adapter], base_digest: str, base_dir: Path, force: bool) -> None:
     """Refuse adapters made for another base, or whose weight change is not ``scaling * B @ A``."""
     names: set[str] = set()
@@ -390,7 +378,7 @@ def plan_merge(
     that does not fit (fingerprint, missing target, shape, quantized weight), unsupported adapters.
     """
     base = Path(base_dir)
-    values = _check_weights(adapters, weights)
+    values = check_weights(adapters, weights, "merge")
     code = parse_dtype(dtype)
     headers = read_base_headers(base)
     fp = fingerprint(base)

@@ -23,14 +23,14 @@ adapter with weight 1 is loaded however PEFT loads it.
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import CompositionError, InvalidInputError, UnsupportedAdapterError
+from adapterkit.errors import InvalidInputError, UnsupportedAdapterError
+from adapterkit.lora import check_weights
 from adapterkit.lora_config import carried_features, delta_blockers
 
 if TYPE_CHECKING:
@@ -98,13 +98,7 @@ def attach(
 
     from adapterkit.peft_io import write_adapter
 
-    if not adapters:
-        raise CompositionError("attach needs at least one adapter")
-    values = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(values) != len(adapters):
-        raise CompositionError(f"got {len(values)} weights for {len(adapters)} adapters")
-    if not all(math.isfinite(w) for w in values):
-        raise CompositionError("weights must be finite numbers")
+    values = check_weights(adapters, weights, "attach")
     _check(adapters, values)
     wrapped = isinstance(model, PeftModel)
     names = _names(len(adapters), adapter_names, list(model.peft_config) if wrapped else [])
