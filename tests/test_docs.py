@@ -106,3 +106,11 @@ def test_mkdocs_site_builds_strictly(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_error_class_is_in_the_troubleshooting_page() -> None:
+    import adapterkit.errors
+
+    text = (ROOT / "docs" / "errors.md").read_text()
+    missing = [name for name in adapterkit.errors.__all__ if name not in text]
+    assert not missing, f"docs/errors.md does not mention {missing}"
