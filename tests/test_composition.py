@@ -270,3 +270,24 @@ def test_saved_base_tensors_ride_along_when_parents_agree(parents: list[Adapter]
     other.extra_tensors = {key: parents[2].extra_tensors[key] + 1}
     with pytest.raises(CompositionError, match="different values for 'base_model"):
         compose([parents[2], other], [1, 1])
+
+
+@pytest.mark.parametrize("n", [1000, 300_000, 1_000_003])
+def test_threshold_selection_is_exactly_kthvalue(n: int) -> None:
+    from adapterkit.strategies._lowrank import _kth_smallest
+
+    generator = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=generator).abs()
+    values[: n // 10] = 0.5  # many ties around the middle
+    for k in (1, n // 3, n // 2, n - 1, n):
+        assert torch.equal(_kth_smallest(values, k), torch.kthvalue(values, k).values), k
+
+
+def test_dense_truncation_leaves_the_callers_random_state_alone(parents: list[Adapter]) -> None:
+    import adapterkit.strategies._lowrank as lowrank
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    lowrank.truncate_dense(torch.randn(300, 400, generator=torch.Generator().manual_seed(1)), 4, None, 4)
+    assert torch.equal(torch.rand(3), expected)

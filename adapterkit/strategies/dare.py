@@ -25,7 +25,8 @@ __all__ = ["DARE_LINEAR", "DARE_TIES", "dare_linear", "dare_ties"]
 
 def _dropped(module: ModuleInput, density: float, seed: int) -> list[torch.Tensor]:
     return [
-        prune_random(delta, density, derive_seed(seed, module.name, i)) for i, delta in enumerate(dense_deltas(module))
+        prune_random(delta, density, derive_seed(seed, module.name, i), inplace=True)
+        for i, delta in enumerate(dense_deltas(module))
     ]
 
 

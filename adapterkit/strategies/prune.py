@@ -15,7 +15,9 @@ __all__ = ["STRATEGY", "magnitude_prune"]
 def magnitude_prune(
     module: ModuleInput, *, density: float = 0.5, rank: int | None = None, energy: float | None = None
 ) -> ModuleResult:
-    merged = sum(w * prune_magnitude(d, density) for d, w in zip(dense_deltas(module), module.weights, strict=True))
+    merged = sum(
+        w * prune_magnitude(d, density, inplace=True) for d, w in zip(dense_deltas(module), module.weights, strict=True)
+    )
     return truncate_dense(merged, rank, energy, max(module.ranks))
 
 

@@ -28,7 +28,7 @@ def ties(
     rank: int | None = None,
     energy: float | None = None,
 ) -> ModuleResult:
-    trimmed = [prune_magnitude(d, density) for d in dense_deltas(module)]
+    trimmed = [prune_magnitude(d, density, inplace=True) for d in dense_deltas(module)]
     sign = majority_sign(trimmed, majority_sign_method)
     merged = disjoint_merge(trimmed, list(module.weights), sign)
     return truncate_dense(merged, rank, energy, max(module.ranks))
