@@ -131,6 +131,8 @@ class Store:
                 foreign = self.root.exists() and any(p.name not in _BOOTSTRAP_ENTRIES for p in self.root.iterdir())
             except OSError as exc:
                 raise StoreError(f"{self.root}: cannot be used as a store ({exc.strerror or exc})") from None
+            if foreign and marker.is_file():
+                return self._check_format()  # a concurrent first writer created the store meanwhile
             if foreign:
                 raise StoreError(f"{self.root}: exists, is not empty and is not an adapterkit store (no store.json)")
         self._checked_format = version is not None
