@@ -349,7 +349,7 @@ class _LocalBackend(_Backend):
     def writing(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             with self._errors():  # only entering: errors from the push itself keep their own meaning
-                stack.enter_context(self.store._writing())
+                stack.enter_context(self.store.writing())
             yield
 
     def _dir(self, kind: str) -> Any:
@@ -892,7 +892,7 @@ class FsspecRemote:
             raise SyncError(str(exc)) from None
 
         received = skipped = 0
-        with store._writing():
+        with store.writing():
             for layer in _unique((config, *layers)):
                 if _have(store, layer):
                     skipped += layer.size

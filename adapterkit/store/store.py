@@ -52,7 +52,7 @@ from adapterkit.store.documents import Layer, build_manifest, build_metadata, ca
 from adapterkit.store.documents import parse_metadata as _parse_metadata
 from adapterkit.store.fsutil import replace_atomic
 from adapterkit.store.locks import gc_lock
-from adapterkit.store.names import digest_prefix, parse_ref, parse_tag_ref
+from adapterkit.store.names import Ref, digest_prefix, parse_ref, parse_tag_ref
 from adapterkit.store.objects import ObjectDir
 from adapterkit.store.refs import ANY, RefStore
 from adapterkit.store.validated import ValidatedDigests
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 __all__ = ["STORE_FORMAT_VERSION", "AddResult", "Store", "default_store_path"]
 
 STORE_FORMAT_VERSION = 1
-#: What a first writer killed before ``store.json`` appeared can leave behind (see ``_writing``).
+#: What a first writer killed before ``store.json`` appeared can leave behind (see ``writing``).
 _BOOTSTRAP_ENTRIES = frozenset({"locks", "tmp"})
 Progress = Callable[[int], None]
 
@@ -138,8 +138,10 @@ class Store:
         self._checked_format = version is not None
 
     @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """Writers hold the gc lock shared, so gc (exclusive) never sweeps what a writer is publishing.
+    def writing(self) -> Iterator[None]:
+        """The writer lock: hold it while publishing objects and refs (remotes that pull do).
+
+        Writers hold the gc lock shared, so gc (exclusive) never sweeps what a writer is publishing.
 
         A new store gets its ``store.json`` under that lock: before it, a concurrent gc could sweep
         the marker's temp file; and a first writer killed half-way leaves only ``locks/`` and
@@ -200,13 +202,9 @@ class Store:
             readme = folder.readme.read_bytes() if folder.readme else None
         except OSError as exc:
             raise AdapterFormatError(f"{folder.readme}: cannot read ({exc.strerror or exc})") from None
-        with self._writing():
-            digest, new_bytes = self._commit(metadata_bytes, peft_config, weights_chunks, readme, progress=progress)
-            if target is not None:
-                self._set_ref(target.name, target.tag, digest, f"add {folder.path}")
-            info = self.describe(digest)  # under the lock: an untagged adapter is gc-able once it is released
-        ref = f"{target.name}:{target.tag}" if target else digest
-        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info)
+        return self._publish(
+            metadata_bytes, peft_config, weights_chunks, readme, target, f"add {folder.path}", progress=progress
+        )
 
     def put(self, adapter: Adapter, tag: str | None = None, *, message: str = "put") -> AddResult:
         """Store an in-memory adapter (a blend from ``compose``, or one loaded and edited).
@@ -242,11 +240,25 @@ class Store:
         metadata_bytes = canonical_json(metadata, source="adapter metadata")
         peft_config = config_bytes(adapter.config)
         weights = tensors_to_bytes(tensors)
-        with self._writing():
-            digest, new_bytes = self._commit(metadata_bytes, peft_config, [weights], None)
+        return self._publish(metadata_bytes, peft_config, [weights], None, target, message)
+
+    def _publish(
+        self,
+        metadata_bytes: bytes,
+        peft_config_bytes: bytes,
+        weights_chunks: Any,
+        readme: bytes | None,
+        target: Ref | None,
+        message: str,
+        *,
+        progress: Progress | None = None,
+    ) -> AddResult:
+        """Under the writer lock: publish the adapter's objects, then point ``target`` at it."""
+        with self.writing():
+            digest, new_bytes = self._commit(metadata_bytes, peft_config_bytes, weights_chunks, readme, progress)
             if target is not None:
                 self._set_ref(target.name, target.tag, digest, message)
-            info = self.describe(digest)
+            info = self.describe(digest)  # under the lock: an untagged adapter is gc-able once it is released
         ref = f"{target.name}:{target.tag}" if target else digest
         return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info)
 
@@ -256,7 +268,6 @@ class Store:
         peft_config_bytes: bytes,
         weights_chunks: Any,
         readme: bytes | None,
-        *,
         progress: Progress | None = None,
     ) -> tuple[str, int]:
         """Publish blobs, then metadata, then the manifest; returns (digest, new bytes)."""
@@ -283,7 +294,7 @@ class Store:
         """Point ``new_ref`` (``name[:tag]``) at the adapter ``ref`` resolves to."""
         target = parse_tag_ref(new_ref)
         self.resolve(ref)  # fail before the store is touched; resolved again under the lock below
-        with self._writing():
+        with self.writing():
             digest = self.resolve(ref)  # gc cannot remove it now, until the ref is written
             self._set_ref(target.name, target.tag, digest, f"tag {ref}")
         return digest
@@ -295,7 +306,7 @@ class Store:
             raise InvalidReferenceError(f"{ref!r}: rm removes refs; give NAME[:TAG]")
         if not self.initialised():
             raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}")
-        with self._writing():
+        with self.writing():
             try:
                 return self.refs.delete(parsed.name, parsed.tag, message=f"rm {ref}")
             except ReferenceNotFoundError:

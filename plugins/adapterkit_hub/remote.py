@@ -135,17 +135,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(exc)}" if str(exc) else type(exc).__name__
 
 
-@contextlib.contextmanager
-def _writing(store: Store) -> Iterator[None]:
-    """The store's writer lock (gc lock shared; creates ``store.json`` in a new store).
-
-    ``Store`` has no public method that publishes objects a caller fetched itself under that lock;
-    a pull needs exactly that, so this borrows the store's own context manager.
-    """
-    with store._writing():
-        yield
-
-
 def _progress_bar(progress: Progress | None) -> Any:
     """A silent huggingface_hub progress-bar class that reports downloaded bytes to ``progress``."""
     from huggingface_hub.utils import tqdm as hf_tqdm
@@ -456,7 +445,7 @@ class HubRemote:
             if path == METADATA_PATH:
                 parse_metadata(local.read_bytes(), f"{fetch.at}: {METADATA_PATH}")
             fetched.append((local, layer.digest))
-        with _writing(store):
+        with store.writing():
             for local, expected in fetched:
                 stored = store.blobs.put(_file_chunks(local))
                 if stored.digest != expected:  # the temp file changed under us
@@ -496,7 +485,7 @@ class HubRemote:
             # Name the Hub file, not the temp folder it was downloaded to.
             message = str(exc).replace(f"{folder}{os.sep}", "")
             raise type(exc)(f"{fetch.at}: {message}") from None
-        with _writing(store):
+        with store.writing():
             if not store.manifests.exists(added.digest):
                 raise SyncError(f"{url}: adapter {added.digest} left the store while pulling (gc?); pull again")
             store.refs.update(name, tag, added.digest, message=f"pull {url} ({fetch.commit})")
