@@ -234,3 +234,18 @@ def header_bytes(doc: Any) -> bytes:
 def corpus_dir() -> Path:
     """Where the real-world corpus lies: ``$ADAPTERKIT_CORPUS``, else ``<repo>/../shared/corpus``."""
     return Path(os.environ.get("ADAPTERKIT_CORPUS") or REPO.parent / "shared" / "corpus")
+
+
+#: Three LoRA configs that differ in every way a blend must handle: rank, alpha, rsLoRA, rank and alpha
+#: patterns (regex keys), list and regex targets, an embedding module. Tests blend and inspect these.
+MIXED_LORA_SPECS: list[dict[str, Any]] = [
+    dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    dict(
+        r=4,
+        lora_alpha=7,
+        target_modules=r".*\.(q_proj|down_proj)",
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        alpha_pattern={"down_proj": 3},
+    ),
+    dict(r=16, lora_alpha=8, target_modules=["q_proj", "k_proj", "embed_tokens"]),
+]

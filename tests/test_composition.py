@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import logits, save_lora, tiny_llama
+from helpers import MIXED_LORA_SPECS, logits, save_lora, tiny_llama
 
 from adapterkit import compose
 from adapterkit.errors import CompositionError, IncompatibleAdaptersError, UnknownStrategyError, UnsupportedAdapterError
@@ -26,17 +26,7 @@ def base() -> torch.nn.Module:
 def parents(base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> list[Adapter]:
     """Three adapters that differ in rank, alpha, rslora, patterns and target modules."""
     root = tmp_path_factory.mktemp("parents")
-    specs = [
-        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True),
-        dict(
-            r=4,
-            lora_alpha=7,
-            target_modules=r".*\.(q_proj|down_proj)",
-            rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
-            alpha_pattern={"down_proj": 3},
-        ),
-        dict(r=16, lora_alpha=8, target_modules=["q_proj", "k_proj", "embed_tokens"]),
-    ]
+    specs = MIXED_LORA_SPECS
     return [read_adapter(save_lora(base, root / f"p{i}", seed=i + 1, **spec)) for i, spec in enumerate(specs)]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import save_base, save_lora, tiny_conv_net, tiny_gpt2, tiny_llama
+from helpers import MIXED_LORA_SPECS, save_base, save_lora, tiny_conv_net, tiny_gpt2, tiny_llama
 
 from adapterkit import compose
 from adapterkit.errors import (
@@ -38,17 +38,7 @@ def llama_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("inspect")
     base = tiny_llama()
     save_base(base, root / "base", max_shard_size="20KB")
-    specs = [
-        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True),
-        dict(
-            r=4,
-            lora_alpha=7,
-            target_modules=r".*\.(q_proj|down_proj)",
-            rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
-            alpha_pattern={"down_proj": 3},
-        ),
-        dict(r=16, lora_alpha=8, target_modules=["q_proj", "k_proj", "embed_tokens"]),
-    ]
+    specs = MIXED_LORA_SPECS
     for i, spec in enumerate(specs):
         save_lora(base, root / f"p{i}", seed=i + 1, **spec)
     return root
