@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from adapterkit.errors import InvalidInputError
 from adapterkit.store import Store
 
 __all__ = ["DEMO_BASE_NAME", "run_demo"]
@@ -70,6 +71,8 @@ def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
     hf_logging.disable_progress_bar()
 
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="adapterkit-demo-"))
+    if root.is_dir() and any(root.iterdir()):
+        raise InvalidInputError(f"{root}: not empty; the demo builds its files in a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
     echo(f"working in {root}")
 

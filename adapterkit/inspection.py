@@ -31,7 +31,8 @@ from adapterkit.composition import _common_shape, adapter_digest, check_compatib
 from adapterkit.errors import CompositionError, UnsupportedAdapterError
 from adapterkit.lora import check_weights
 from adapterkit.lora_config import delta_blockers
-from adapterkit.strategies._lowrank import _EXACT_SVD_LIMIT, choose_rank, derive_seed, stacked_svd
+from adapterkit.strategies._dense import block_entries
+from adapterkit.strategies._lowrank import choose_rank, derive_seed, sketch_width, stacked_svd
 
 if TYPE_CHECKING:
     from adapterkit.lora import Adapter, LoraModule
@@ -58,6 +59,8 @@ NUMERICAL_RANK_TOLERANCE = 1e-6
 DEFAULT_SIGN_SAMPLES = 4096
 #: Strategies whose output rank follows from the factors (the rest truncate a dense delta).
 _FACTOR_STRATEGIES = ("linear", "svd")
+#: Dense strategies that select each parent's magnitude threshold in a pass of its own.
+_THRESHOLDED = ("ties", "magnitude_prune")
 
 
 # --- pure maths on factors ---------------------------------------------------------------------------------------
@@ -419,8 +422,7 @@ def plan_compose(
     """What ``compose`` with the same arguments would produce and cost, without composing; JSON-able.
 
     Raises what ``compose`` raises before its first module (weights, strategy, parameters,
-    bases, module shapes), plus the ``svd`` strategy's own parameter checks and the empty-blend
-    error where the plan can tell. Output ranks per module:
+    bases, module shapes), and the empty-blend error where the plan can tell. Output ranks per module:
 
     * ``linear``: the sum of the parents' ranks (the factors are stacked);
     * ``svd``: ``rank``, else the smallest k keeping ``energy``, else the parents' largest rank,
@@ -438,10 +440,13 @@ def plan_compose(
     * ``linear``: 2Rn FLOPs (folding scaling and weight into A); working set 2(m + n)R e;
     * ``svd``: 2Rn + 2(m + n)R² (two Householder QRs) + 24R³ (core product and its SVD with
       vectors) + 2(m + n)Rk (forming the output factors); working set ((m + n)(2R + k) + 4R²) e;
-    * dense: 2mnR (forming the deltas) + 10Nmn (trimming, dropping, sign election, disjoint mean)
-      + the truncation: an exact SVD, 4 max(m, n) L² + 22 L³ with L = min(m, n), when L <= 1024 or
-      with ``energy``, else a randomized one with q = k + 16 and 6 power iterations,
-      (2·6 + 2)·2mnq + 2mnk; working set ((2N + 4) mn + (m + n) L) e.
+    * dense: 2mnR (forming the deltas block by block; twice for ``ties`` and ``magnitude_prune``,
+      whose thresholds take a pass of their own) + 10Nmn (trimming, dropping, sign election,
+      disjoint mean) + 2(m + n)R² + 24R³ (the exact sum's directions, which start the sketch) +
+      the truncation: an exact SVD, 4 max(m, n) L² + 22 L³ with L = min(m, n), with ``energy`` or
+      when the sketch would span half of L, else a sketch of q = k + 16 columns, 4mnq + 4(m + n)q²;
+      working set (mn + (m + n)L or (m + n)q + (N + 4) b) e, b being the entries in one block of
+      rows (128K on CPU).
 
     ``module_peak_bytes`` is the largest module's working set; ``peak_bytes`` adds the parents'
     factors and the result's factors, which compose holds throughout. These are estimates for
@@ -465,6 +470,7 @@ def plan_compose(
         notes.append(f"strategy {strategy!r} is not one whose output rank can be predicted; ranks and costs unknown")
     rank, energy = resolved.get("rank"), resolved.get("energy")
     esize = torch.empty((), dtype=compute).element_size()
+    device_type = torch.device(device).type if device is not None else "cpu"
 
     modules: dict[str, Any] = {}
     sizes: dict[str, tuple[int, int]] = {}  # (out, in * kernel): an output factor pair holds rank * (out + in) values
@@ -488,9 +494,6 @@ def plan_compose(
             entry.update(rank=k, rank_max=k, truncation_error=None)
             entry.update(flops=0 if identity else 2 * R * n, peak_bytes=0 if identity else 2 * (m + n) * R * esize)
         elif kind == "svd":
-            problem = _svd_param_problem(rank, energy)
-            if problem:
-                raise CompositionError(f"strategy {strategy!r} failed on module {name!r}: {problem}")
             factors = [
                 (module.A.to(dtype=compute).flatten(1) * module.spec.scaling, module.B.to(dtype=compute).flatten(1))
                 for _, module, _ in present
@@ -507,19 +510,18 @@ def plan_compose(
                 peak_bytes=((m + n) * (2 * R + k) + 4 * R**2) * esize,
             )
         elif kind == "dense":
-            exact_svd = L <= _EXACT_SVD_LIMIT or energy is not None
             k = None if energy is not None else max(0, min(rank if rank is not None else max(ranks), L))
-            if exact_svd:
-                truncation = 4 * max(m, n) * L**2 + 22 * L**3
+            q = sketch_width((m, n), rank, energy, max(ranks))
+            if q is None:
+                truncation, workspace = 4 * max(m, n) * L**2 + 22 * L**3, m * n + (m + n) * L
             else:
-                assert k is not None
-                q = min(k + 16, L)
-                truncation = (2 * 6 + 2) * 2 * m * n * q + 2 * m * n * k
+                truncation, workspace = 4 * m * n * q + 4 * (m + n) * q**2, (m + n) * q
+            passes = 2 if chosen.name in _THRESHOLDED else 1  # trimming selects each parent's threshold first
             entry.update(
                 rank=k,
                 rank_max=L,
-                flops=2 * m * n * R + 10 * N * m * n + truncation,
-                peak_bytes=((2 * N + 4) * m * n + (m + n) * L) * esize,
+                flops=passes * 2 * m * n * R + 10 * N * m * n + 2 * (m + n) * R**2 + 24 * R**3 + truncation,
+                peak_bytes=(m * n + workspace + (N + 4) * min(m * n, block_entries(device_type))) * esize,
             )
         else:
             entry.update(rank=None, rank_max=None, flops=None, peak_bytes=None)
@@ -563,15 +565,6 @@ def plan_compose(
         "notes": notes,
         "modules": modules,
     }
-
-
-def _svd_param_problem(rank: int | None, energy: float | None) -> str | None:
-    """The ``svd`` strategy's own parameter checks, with its messages."""
-    if rank is not None and rank < 1:
-        return f"rank must be at least 1, got {rank}"
-    if energy is not None and not 0 < energy <= 1:
-        return f"energy must be in (0, 1], got {energy}"
-    return None
 
 
 # --- merge --dry-run --------------------------------------------------------------------------------------------

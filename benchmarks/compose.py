@@ -283,27 +283,23 @@ class Truncation:
 def recorded_truncations() -> Iterator[list[Truncation]]:
     """Wraps ``truncate_dense`` in the dense strategies: each pruned delta is compared with its exact SVD.
 
-    This is what the 1% criterion is about: the randomized SVD that ``truncate_dense`` uses on large
+    This is what the 1% criterion is about: the sketched SVD that ``truncate_dense`` uses on large
     matrices must stay within 1% of the optimal rank-k error (Eckart-Young) of the same matrix.
     """
-    from adapterkit.strategies import _lowrank, dare, prune, ties
+    from adapterkit.strategies import _dense
 
     records: list[Truncation] = []
-    original = _lowrank.truncate_dense
+    original = _dense.truncate_dense
 
-    def recording(delta: torch.Tensor, k: int | None, energy: float | None, default: int) -> Any:
-        result = original(delta, k, energy, default)
+    def recording(delta: torch.Tensor, k: int | None, energy: float | None, default: int, **kwargs: Any) -> Any:
+        result = original(delta, k, energy, default, **kwargs)
         rank = result.A.shape[0]
         optimal = spectrum_tail(torch.linalg.svdvals(delta), rank)
         measured = relative_error(delta, result.B.double() @ result.A.double())
         records.append(Truncation(rank, float(result.truncation_error or 0.0), measured, optimal))
         return result
 
-    with (
-        mock.patch.object(ties, "truncate_dense", recording),
-        mock.patch.object(dare, "truncate_dense", recording),
-        mock.patch.object(prune, "truncate_dense", recording),
-    ):
+    with mock.patch.object(_dense, "truncate_dense", recording):
         yield records
 
 

@@ -174,3 +174,41 @@ def test_dry_runs_plan_without_writing(store: Path, folders: dict[str, Path], tm
     assert sorted(p.relative_to(store) for p in store.rglob("*") if "state" not in p.parts) == before
     result = CliRunner().invoke(cli, ["--store", str(store), "compose", "team/a:v1"])
     assert result.exit_code == 2 and "--tag" in result.output
+
+
+def test_demo_refuses_a_folder_that_holds_files(tmp_path: Path) -> None:
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path / "demo")])
+    assert result.exit_code == 1
+    assert "not empty; the demo builds its files in a new or empty folder" in result.stderr
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["keep.txt"]
+
+
+def test_a_warning_inside_a_command_is_one_clean_line(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote's warning during `pull` (the Hub's stale-manifest notice, say) reads like the CLI's errors."""
+    import warnings
+
+    from adapterkit import sync
+
+    real_pull = sync.pull
+
+    def pull_with_notice(*args: object, **kwargs: object) -> object:
+        warnings.warn("adapterkit: hf://org/x@abc: README.md no longer matches the manifest; importing", stacklevel=2)
+        return real_pull(*args, **kwargs)
+
+    monkeypatch.setattr(sync, "pull", pull_with_notice)
+    run("--store", store, "push", "team/a:v1", tmp_path / "remote")
+    notice = "Warning: hf://org/x@abc: README.md no longer matches the manifest; importing\n"
+    result = CliRunner().invoke(cli, ["--store", str(tmp_path / "b"), "pull", f"{tmp_path / 'remote'}/team/a:v1"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == notice  # no file name, no "UserWarning", no source line
+    assert result.stdout.startswith("pulled team/a:v1 sha256:")
+    failed = CliRunner().invoke(cli, ["--store", str(tmp_path / "b"), "pull", f"{tmp_path / 'remote'}/team/nope"])
+    assert failed.exit_code == 1  # the same warning again (every time, not once per place), then the error
+    assert failed.stderr.splitlines() == [
+        notice.strip(),
+        f"Error: no adapter team/nope:latest on {tmp_path / 'remote'}",
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,21 +11,22 @@ import torch
 from adapterkit.strategies.base import ModuleInput, ModuleResult
 
 __all__ = [
-    "dense_deltas",
     "derive_seed",
     "disjoint_merge",
+    "dense_start",
     "factor_svd",
     "majority_sign",
-    "prune_magnitude",
-    "prune_random",
     "stacked_svd",
     "truncate_dense",
 ]
 
-#: Above this size (min of the two dimensions) a dense truncation uses a randomized SVD.
-_EXACT_SVD_LIMIT = 256
-#: Selections over at most this many entries use ``kthvalue`` directly; larger ones bracket with a sample first.
-_SELECT_DIRECTLY = 1 << 18
+#: Extra directions carried through a subspace iteration beyond the rank asked for.
+_OVERSAMPLE = 16
+#: Subspace iterations (each a pass with D and one with Dᵀ) after a warm start and after a random one.
+_WARM_START_ITERATIONS = 0
+_RANDOM_START_ITERATIONS = 4
+#: Below this fraction of ||D||^2 the lost energy is measured from D - BA, not by subtraction.
+_CANCELLATION = 1e-4
 
 
 def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,127 +91,128 @@ def factor_svd(module: ModuleInput, *, rank: int | None, energy: float | None, d
     return ModuleResult(A=a_core @ Qa.T, B=Qb @ b_core, truncation_error=_relative_tail(S, k))
 
 
-def dense_deltas(module: ModuleInput) -> list[torch.Tensor]:
-    """Each parent's unweighted change B @ A (out x in), one module at a time."""
-    return [B @ A for A, B in module.factors]
-
-
 def derive_seed(seed: int, name: str, index: int) -> int:
     """A seed for (user seed, module, parent): masks do not depend on module order or device."""
     digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """``torch.kthvalue(values, k).values`` of a 1-D tensor, exactly, in a few linear passes.
-
-    ``kthvalue`` copies and partially sorts all n entries on one core (seconds for a 4096 x 14336
-    delta). Here the quantile of a strided sample brackets the answer; counting the entries below
-    the bracket and selecting among the few inside it gives the same value. If the bracket misses
-    (a pathological distribution) it falls back to ``kthvalue``.
-    """
-    n = values.numel()
-    if n <= _SELECT_DIRECTLY:
-        return torch.kthvalue(values.cpu(), k).values.to(values.device)
-    sample = values[:: max(1, n // min(1 << 16, n // 64))].sort().values
-    m = sample.numel()
-    margin = 4.0 / m**0.5  # >= 8 standard deviations of a sample quantile (at most 0.5 / sqrt(m))
-    lo = sample[max(0, int((k / n - margin) * m))]
-    hi = sample[min(m - 1, int((k / n + margin) * m) + 1)]
-    below = int(torch.count_nonzero(values < lo))
-    if below < k:
-        inside = values[(values >= lo) & (values <= hi)]
-        if k - below <= inside.numel():
-            return torch.kthvalue(inside.cpu(), k - below).values.to(values.device)
-    return torch.kthvalue(values.cpu(), k).values.to(values.device)
-
-
-def prune_magnitude(delta: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries largest in magnitude (ties at the threshold kept).
-
-    ``inplace`` zeroes the others in ``delta`` itself, for callers that own it (saves a full copy).
-    """
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    keep = round(density * n)
-    if keep <= 0:
-        return delta.zero_() if inplace else torch.zeros_like(delta)
-    magnitude = delta.abs()
-    threshold = _kth_smallest(magnitude.flatten(), n - keep + 1)
-    mask = magnitude.ge_(threshold)
-    return delta.mul_(mask) if inplace else delta * mask
-
-
-def prune_random(delta: torch.Tensor, density: float, seed: int, *, inplace: bool = False) -> torch.Tensor:
-    """DARE: drop each entry with probability 1 - density and rescale the rest by 1 / density.
-
-    The mask is drawn on the CPU from a generator seeded per (seed, module, parent), so the same
-    seed gives the same adapter on any device. ``inplace`` works in ``delta`` itself.
-    """
-    if density >= 1:
-        return delta
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    mask = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
-    mask = mask.to(delta.device)
-    return delta.mul_(mask).div_(density) if inplace else delta * mask / density
-
-
 def majority_sign(deltas: list[torch.Tensor], method: str) -> torch.Tensor:
-    """TIES sign election over the (unweighted, pruned) deltas, as PEFT does: by total or by count.
+    """TIES sign election over the (unweighted, pruned) deltas, as PEFT does: by ``total`` or ``frequency``.
 
-    Accumulated in place, without stacking the deltas into one more N x out x in tensor.
+    Ties go to +1. Accumulated in place, without stacking the deltas into one more N x out x in
+    tensor, and with float operations only (bool-producing comparisons are several times slower
+    on CPU). ``method`` has been checked against the strategies' parameter declaration.
     """
-    if method == "total":
-        votes = deltas[0].clone()
-        for delta in deltas[1:]:
-            votes.add_(delta)
-    elif method == "frequency":
+    if method == "frequency":
         votes = deltas[0].sign()
         for delta in deltas[1:]:
             votes.add_(delta.sign())
     else:
-        raise ValueError(f"majority_sign must be 'total' or 'frequency', got {method!r}")
-    sign = votes.sign_()
-    return sign.masked_fill_(sign == 0, 1)
+        votes = deltas[0].clone()
+        for delta in deltas[1:]:
+            votes.add_(delta)
+    # +1 where the vote is +0 (a tie, or nothing to vote on); -0 only arises where every delta is 0
+    return torch.ones_like(votes).copysign_(votes)
 
 
 def disjoint_merge(deltas: list[torch.Tensor], weights: list[float], sign: torch.Tensor) -> torch.Tensor:
-    """Mean of the weighted deltas over the parents whose entry agrees with the elected sign.
+    """Mean of the weighted deltas over the parents whose entry agrees with the elected sign (+-1).
 
-    An entry agrees when it is non-zero with the elected sign (``delta * sign > 0``, sign being
-    +-1); one reused buffer holds each parent's agreement as 0/1, and the sums are made in place.
+    An entry agrees when it is non-zero with the elected sign: ``relu(delta * sign)`` is its
+    magnitude where it agrees and 0 elsewhere, so sums and counts need no masks. Overwrites the deltas.
     """
     total = torch.zeros_like(deltas[0])
     count = torch.zeros_like(deltas[0])
-    agree = torch.empty_like(deltas[0])
     for delta, weight in zip(deltas, weights, strict=True):
-        torch.mul(delta, sign, out=agree).gt_(0)
-        total.addcmul_(delta, agree, value=weight)
-        count.add_(agree)
-    return total.div_(count.clamp_(min=1))
+        agreeing = delta.mul_(sign).clamp_min_(0)
+        total.add_(agreeing, alpha=weight)
+        count.add_(agreeing.sign_())
+    return total.div_(count.clamp_min_(1)).mul_(sign)
 
 
-def truncate_dense(delta: torch.Tensor, k: int | None, energy: float | None, default: int) -> ModuleResult:
-    """The rank-k truncation of a dense delta: exact SVD when small, randomized (with power iterations) when large."""
+def dense_start(
+    module: ModuleInput, shape: tuple[int, int], rank: int | None, energy: float | None
+) -> torch.Tensor | None:
+    """An out x q orthonormal start W for truncating a dense delta D of this module, or None for an exact SVD.
+
+    D (pruned, dropped, sign-merged) is a perturbation of the parents' exact weighted sum, whose
+    dominant directions mostly survive: its leading left singular vectors, from the small core
+    (:func:`stacked_svd`), make a start that random sketches need several passes over D to reach.
+    Columns beyond the sum's rank are seeded Gaussian, so the start is deterministic.
+    """
+    out_dim, _ = shape
+    q = sketch_width(shape, rank, energy, max(module.ranks))
+    if q is None:
+        return None
+    Qb, _, U, _, _ = stacked_svd(module.factors, module.weights)
+    start = Qb @ U[:, :q]
+    if start.shape[1] < q:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        noise = torch.randn(out_dim, q - start.shape[1], generator=generator, dtype=start.dtype).to(start.device)
+        start = torch.linalg.qr(torch.cat([start, noise], dim=1)).Q
+    return start
+
+
+def _output_rank(shape: tuple[int, int], k: int | None, default: int) -> int:
+    return min(k if k is not None else default, *shape)
+
+
+def sketch_width(shape: tuple[int, int], k: int | None, energy: float | None, default: int) -> int | None:
+    """Columns of the sketch that truncates a dense delta of ``shape`` to rank k; None for an exact SVD.
+
+    The exact SVD is used with ``energy`` (which needs the whole spectrum) and when a sketch would
+    span half the smaller dimension or more, where it saves little.
+    """
+    q = _output_rank(shape, k, default) + _OVERSAMPLE
+    return None if energy is not None or 2 * q >= min(shape) else q
+
+
+def truncate_dense(
+    delta: torch.Tensor,
+    k: int | None,
+    energy: float | None,
+    default: int,
+    *,
+    row_sketch: torch.Tensor | None = None,
+    square_norm: float | None = None,
+) -> ModuleResult:
+    """The rank-k truncation of a dense delta D: exact SVD when small, a sketched SVD when large.
+
+    ``row_sketch`` is ``Dᵀ W`` for a start W from :func:`dense_start`, accumulated by the caller
+    while it built D (so it costs no pass over D); without it a seeded random start is used and
+    refined by subspace iteration. The result is ``D P`` for an orthogonal projector P onto the
+    sketch's span, so the error follows from the kept singular values and ``||D||²``
+    (``square_norm`` if the caller accumulated it), unless it is so small that the subtraction
+    would cancel and ``D - BA`` is formed after all.
+    """
     out_dim, in_dim = delta.shape
-    if min(out_dim, in_dim) <= _EXACT_SVD_LIMIT or energy is not None:
+    q = sketch_width((out_dim, in_dim), k, energy, default)
+    if q is None:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         U, Vh = _fix_signs(U, Vh)
         rank = choose_rank(S, k, energy, default)
         A, B = _split(U, S, Vh, rank)
         return ModuleResult(A=A, B=B, truncation_error=_relative_tail(S, rank))
-    rank = min(k if k is not None else default, min(out_dim, in_dim))
-    q = min(rank + 16, min(out_dim, in_dim))
-    # float64 accumulation without a float64 copy (a float32 norm is off by ~0.5% at 5e7 entries)
-    norm = torch.linalg.vector_norm(delta, dtype=torch.float64)
-    # svd_lowrank draws a random sketch: seed it so results are reproducible, without touching the caller's
-    # random state on the CPU or on the delta's GPU.
-    with torch.random.fork_rng(devices=[delta.device] if delta.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        U, S, V = torch.svd_lowrank(delta, q=q, niter=6)
-    U, Vh = _fix_signs(U, V.T)
+    rank = _output_rank((out_dim, in_dim), k, default)
+    if row_sketch is None:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        start = torch.randn(out_dim, q, generator=generator, dtype=delta.dtype).to(delta.device)
+        row_sketch, iterations = delta.T @ start, _RANDOM_START_ITERATIONS
+    else:
+        iterations = _WARM_START_ITERATIONS
+    for _ in range(iterations):
+        row_sketch = delta.T @ torch.linalg.qr(delta @ torch.linalg.qr(row_sketch).Q).Q
+    basis = torch.linalg.qr(row_sketch).Q
+    U, S, small_Vh = torch.linalg.svd(delta @ basis, full_matrices=False)
+    U, Vh = _fix_signs(U, small_Vh @ basis.T)
     A, B = _split(U, S, Vh, rank)
+    total = square_norm if square_norm is not None else float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    if total <= 0:
+        return ModuleResult(A=A, B=B, truncation_error=0.0)
+    lost = total - float(S[:rank].double().square().sum())
+    if lost > _CANCELLATION * total:
+        return ModuleResult(A=A, B=B, truncation_error=math.sqrt(lost / total))
     residual = B @ A
     error = torch.linalg.vector_norm(torch.sub(delta, residual, out=residual), dtype=torch.float64)
-    return ModuleResult(A=A, B=B, truncation_error=float(error / norm) if norm > 0 else 0.0)
+    return ModuleResult(A=A, B=B, truncation_error=float(error) / math.sqrt(total))

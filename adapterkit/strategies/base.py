@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ModuleInput", "ModuleResult", "Param", "Strategy"]
+__all__ = ["ModuleInput", "ModuleResult", "Param", "Strategy", "fraction", "one_of", "positive"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,32 @@ class ModuleResult:
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter a strategy accepts: its type and default, shown by ``adapterkit plugins``."""
+    """One parameter a strategy accepts: its type and default, shown by ``adapterkit plugins``.
+
+    ``check`` returns what is wrong with a value (None when it is fine), so a bad value is refused
+    before any module is touched.
+    """
 
     type: type
     default: Any = None
     help: str = ""
+    check: Callable[[Any], str | None] | None = None
+
+
+def fraction(value: float) -> str | None:
+    """A fraction in (0, 1]: a density or an energy."""
+    return None if 0 < value <= 1 else f"must be in (0, 1], got {value}"
+
+
+def positive(value: int) -> str | None:
+    return None if value >= 1 else f"must be at least 1, got {value}"
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -77,5 +98,8 @@ class Strategy:
                     raise ValueError(
                         f"strategy {self.name!r}: parameter {key!r} must be {spec.type.__name__}, got {value!r}"
                     )
+            problem = spec.check(value) if spec.check is not None and value is not None else None
+            if problem:
+                raise ValueError(f"strategy {self.name!r}: parameter {key!r} {problem}")
             out[key] = value
         return out

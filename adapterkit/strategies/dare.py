@@ -2,32 +2,54 @@
 
 Drop each entry of each parent's delta with probability 1 - density and rescale the survivors
 by 1 / density, then combine linearly or TIES-style, and truncate back to rank k. Unlike PEFT's,
-the masks are seeded per (seed, module, parent): the same inputs and seed give the same adapter
-and digest, on any machine.
+the masks are a pure function of (seed, module, parent, entry) (a counter-based hash, see
+:class:`DareMask`): the same inputs and seed give the same adapter and digest, on any machine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from adapterkit.strategies._lowrank import (
-    dense_deltas,
-    derive_seed,
-    disjoint_merge,
-    majority_sign,
-    prune_random,
-    truncate_dense,
-)
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy
+from adapterkit.strategies._dense import DareMask, blend_dense
+from adapterkit.strategies._lowrank import derive_seed, disjoint_merge, majority_sign
+from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, positive
+from adapterkit.strategies.ties import MAJORITY_SIGN_METHOD
 
 __all__ = ["DARE_LINEAR", "DARE_TIES", "dare_linear", "dare_ties"]
 
+Combine = Callable[[list[torch.Tensor], list[float]], torch.Tensor]
 
-def _dropped(module: ModuleInput, density: float, seed: int) -> list[torch.Tensor]:
-    return [
-        prune_random(delta, density, derive_seed(seed, module.name, i), inplace=True)
-        for i, delta in enumerate(dense_deltas(module))
+
+def _dare(
+    module: ModuleInput, density: float, seed: int, rank: int | None, energy: float | None, then: Combine
+) -> ModuleResult:
+    """Drop each parent's delta entries block by block, combine the blocks with ``then``, truncate.
+
+    The 1 / density rescaling rides on the weights: both combinations are linear in each parent's
+    block, and the sign election does not change under a common positive factor.
+    """
+    masks = [
+        DareMask(derive_seed(seed, module.name, i), (B.shape[0], A.shape[1]), density, A.device)
+        for i, (A, B) in enumerate(module.factors)
     ]
+    weights = [w / density for w in module.weights]
+
+    def combine(blocks: list[torch.Tensor], rows: slice) -> torch.Tensor:
+        if density < 1:
+            for block, mask in zip(blocks, masks, strict=True):
+                block.mul_(mask(rows, block.dtype))
+        return then(blocks, weights)
+
+    return blend_dense(module, combine, rank, energy)
+
+
+def _weighted_sum(blocks: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    total = blocks[0].mul_(weights[0])
+    for block, weight in zip(blocks[1:], weights[1:], strict=True):
+        total.add_(block, alpha=weight)
+    return total
 
 
 def dare_linear(
@@ -38,8 +60,7 @@ def dare_linear(
     rank: int | None = None,
     energy: float | None = None,
 ) -> ModuleResult:
-    merged = sum(w * d for d, w in zip(_dropped(module, density, seed), module.weights, strict=True))
-    return truncate_dense(merged, rank, energy, max(module.ranks))
+    return _dare(module, density, seed, rank, energy, _weighted_sum)
 
 
 def dare_ties(
@@ -51,16 +72,17 @@ def dare_ties(
     rank: int | None = None,
     energy: float | None = None,
 ) -> ModuleResult:
-    dropped = _dropped(module, density, seed)
-    merged = disjoint_merge(dropped, list(module.weights), majority_sign(dropped, majority_sign_method))
-    return truncate_dense(merged, rank, energy, max(module.ranks))
+    def ties_merge(blocks: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        return disjoint_merge(blocks, weights, majority_sign(blocks, majority_sign_method))
+
+    return _dare(module, density, seed, rank, energy, ties_merge)
 
 
 _COMMON = {
-    "density": Param(float, 0.5, "probability of keeping each entry"),
+    "density": Param(float, 0.5, "probability of keeping each entry", fraction),
     "seed": Param(int, 0, "seed of the random masks (per module and parent)"),
-    "rank": Param(int, None, "output rank (default: the parents' largest rank per module)"),
-    "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy"),
+    "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
+    "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
 }
 DARE_LINEAR = Strategy(
     name="dare_linear",
@@ -72,5 +94,8 @@ DARE_TIES = Strategy(
     name="dare_ties",
     function=dare_ties,
     description="DARE drop + rescale (seeded), then TIES sign election and disjoint mean; truncate to rank k.",
-    params={**_COMMON, "majority_sign_method": Param(str, "total", "'total' or 'frequency'")},
+    params={
+        **_COMMON,
+        "majority_sign_method": MAJORITY_SIGN_METHOD,
+    },
 )

@@ -6,8 +6,10 @@ factored: B A = (B M)(M⁻¹ A)), one module at a time.
 
 from __future__ import annotations
 
-from adapterkit.strategies._lowrank import dense_deltas, prune_magnitude, truncate_dense
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy
+import torch
+
+from adapterkit.strategies._dense import blend_dense, magnitude_thresholds, trim
+from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, positive
 
 __all__ = ["STRATEGY", "magnitude_prune"]
 
@@ -15,10 +17,17 @@ __all__ = ["STRATEGY", "magnitude_prune"]
 def magnitude_prune(
     module: ModuleInput, *, density: float = 0.5, rank: int | None = None, energy: float | None = None
 ) -> ModuleResult:
-    merged = sum(
-        w * prune_magnitude(d, density, inplace=True) for d, w in zip(dense_deltas(module), module.weights, strict=True)
-    )
-    return truncate_dense(merged, rank, energy, max(module.ranks))
+    thresholds = magnitude_thresholds(module.factors, density) if density < 1 else None
+    weights = list(module.weights)
+
+    def combine(blocks: list[torch.Tensor], rows: slice) -> torch.Tensor:
+        total = torch.zeros_like(blocks[0])
+        for i, (block, weight) in enumerate(zip(blocks, weights, strict=True)):
+            kept = trim(block, thresholds[i]) if thresholds is not None else block
+            total.add_(kept, alpha=weight)
+        return total
+
+    return blend_dense(module, combine, rank, energy)
 
 
 STRATEGY = Strategy(
@@ -26,8 +35,8 @@ STRATEGY = Strategy(
     function=magnitude_prune,
     description="Keep the largest-magnitude fraction of each delta, weighted sum, truncate to rank k.",
     params={
-        "density": Param(float, 0.5, "fraction of each delta's entries kept"),
-        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)"),
-        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy"),
+        "density": Param(float, 0.5, "fraction of each delta's entries kept", fraction),
+        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
+        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
     },
 )

@@ -10,16 +10,12 @@ its parents' largest rank.
 from __future__ import annotations
 
 from adapterkit.strategies._lowrank import factor_svd
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy
+from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, positive
 
 __all__ = ["STRATEGY", "svd"]
 
 
 def svd(module: ModuleInput, *, rank: int | None = None, energy: float | None = None) -> ModuleResult:
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
     return factor_svd(module, rank=rank, energy=energy, default_rank=max(module.ranks))
 
 
@@ -28,8 +24,8 @@ STRATEGY = Strategy(
     function=svd,
     description="Exact sum, then the optimal rank-k truncation (QR of the factors + SVD of the small core).",
     params={
-        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)"),
-        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy"),
+        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
+        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
     },
     exact=True,
 )

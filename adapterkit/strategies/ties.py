@@ -8,16 +8,15 @@ its double scaling, but on dense deltas rather than on raw factors.
 
 from __future__ import annotations
 
-from adapterkit.strategies._lowrank import (
-    dense_deltas,
-    disjoint_merge,
-    majority_sign,
-    prune_magnitude,
-    truncate_dense,
-)
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy
+import torch
 
-__all__ = ["STRATEGY", "ties"]
+from adapterkit.strategies._dense import blend_dense, magnitude_thresholds, trim
+from adapterkit.strategies._lowrank import disjoint_merge, majority_sign
+from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, one_of, positive
+
+__all__ = ["MAJORITY_SIGN_METHOD", "STRATEGY", "ties"]
+
+MAJORITY_SIGN_METHOD = Param(str, "total", "'total' or 'frequency'", one_of("total", "frequency"))
 
 
 def ties(
@@ -28,10 +27,15 @@ def ties(
     rank: int | None = None,
     energy: float | None = None,
 ) -> ModuleResult:
-    trimmed = [prune_magnitude(d, density, inplace=True) for d in dense_deltas(module)]
-    sign = majority_sign(trimmed, majority_sign_method)
-    merged = disjoint_merge(trimmed, list(module.weights), sign)
-    return truncate_dense(merged, rank, energy, max(module.ranks))
+    thresholds = magnitude_thresholds(module.factors, density) if density < 1 else None
+    weights = list(module.weights)
+
+    def combine(blocks: list[torch.Tensor], rows: slice) -> torch.Tensor:
+        if thresholds is not None:
+            blocks = [trim(block, threshold) for block, threshold in zip(blocks, thresholds, strict=True)]
+        return disjoint_merge(blocks, weights, majority_sign(blocks, majority_sign_method))
+
+    return blend_dense(module, combine, rank, energy)
 
 
 STRATEGY = Strategy(
@@ -39,9 +43,9 @@ STRATEGY = Strategy(
     function=ties,
     description="TIES: trim to the largest entries, elect signs, average the agreeing ones; truncate to rank k.",
     params={
-        "density": Param(float, 0.5, "fraction of each delta's entries kept"),
-        "majority_sign_method": Param(str, "total", "'total' or 'frequency'"),
-        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)"),
-        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy"),
+        "density": Param(float, 0.5, "fraction of each delta's entries kept", fraction),
+        "majority_sign_method": MAJORITY_SIGN_METHOD,
+        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
+        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
     },
 )
