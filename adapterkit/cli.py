@@ -24,10 +24,35 @@ from adapterkit.store import Store, parse_duration
 __all__ = ["cli", "main"]
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show adapterkit's warnings raised in the block as one clean line each: ``Warning: MESSAGE`` on stderr.
+
+    adapterkit prefixes its warnings with ``adapterkit: ``; those are shown every time, in place of
+    Python's ``FILE:LINE: UserWarning: adapterkit: ...``. Other warnings are shown as Python shows them.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.filterwarnings("always", message="adapterkit: ")
+            caught = recorded
+            yield
+    finally:  # outside catch_warnings, so the others reach whatever shows warnings here
+        for warning in caught:
+            text = str(warning.message)
+            if text.startswith("adapterkit: "):
+                click.echo(f"Warning: {' '.join(text.removeprefix('adapterkit: ').split())}", err=True)
+            else:
+                warnings.showwarning(
+                    warning.message, warning.category, warning.filename, warning.lineno, warning.file, warning.line
+                )
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _warnings_as_lines():
+                return super().invoke(ctx)
         except AdapterkitError as exc:
             message = " ".join(str(exc).split("\n"))
             raise click.ClickException(message) from None
@@ -720,16 +745,12 @@ def _load_plugin_commands() -> None:
     """Load plugins once for the CLI; their load warnings become one clean line each on stderr."""
     from adapterkit.plugins import get_plugins
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
+    try:
+        with _warnings_as_lines():
             get_plugins().register_commands(cli)
-        except AdapterkitError as exc:  # e.g. ADAPTERKIT_STRICT_PLUGINS with a broken plugin
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
-    for warning in caught:
-        if str(warning.message).startswith("adapterkit: "):
-            click.echo(f"Warning: {str(warning.message).removeprefix('adapterkit: ')}", err=True)
+    except AdapterkitError as exc:  # e.g. ADAPTERKIT_STRICT_PLUGINS with a broken plugin
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
 
 
 _load_plugin_commands()

@@ -175,8 +175,10 @@ def read_base_config(base_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise BaseModelError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BaseModelError(f"{path}: not valid JSON") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise BaseModelError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BaseModelError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise BaseModelError(f"{path}: not a JSON object")
     return doc

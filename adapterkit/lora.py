@@ -135,8 +135,11 @@ class Adapter:
         if blocking:
             value = repr(self.config[blocking[0]])
             value = value if len(value) <= 40 else value[:37] + "..."
+            # The digest the store gave it, cut as merging and inspection cut it; hashing the weights to name
+            # an adapter read from a folder would cost more than the refusal is worth.
+            which = f"adapter {self.digest[:19]}" if self.digest else "this adapter"
             raise UnsupportedAdapterError(
-                f"the weight change of this adapter is not scaling * B @ A (field {blocking[0]!r} is {value}); "
+                f"the weight change of {which} is not scaling * B @ A (field {blocking[0]!r} is {value}); "
                 "it can be stored and exported, but not composed or merged"
             )
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from adapterkit.errors import InvalidReferenceError, SyncError, UnknownRemoteError
+from adapterkit.errors import InvalidReferenceError, PluginError, UnknownRemoteError
 from adapterkit.plugins import Plugins, get_plugins
 from adapterkit.remotes.base import Progress, Remote, TransferResult
 from adapterkit.store import Store, parse_ref
@@ -31,7 +31,7 @@ def open_remote(url: str, *, plugins: Plugins | None = None) -> Remote:
         raise UnknownRemoteError(f"no remote handles {scheme}:// URLs ({url}); available: {known}")
     remote = remotes[scheme](url)
     if not isinstance(remote, Remote):
-        raise SyncError(f"the {scheme}:// plugin returned {type(remote).__name__}, which is not a Remote")
+        raise PluginError(f"the {scheme}:// plugin returned {type(remote).__name__}, which is not a Remote")
     return remote
 
 

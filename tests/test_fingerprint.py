@@ -8,6 +8,7 @@ shape does. Folders that cannot be fingerprinted are refused with :class:`BaseMo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from helpers import assert_one_line, make_lora, save_base, tiny_gpt2, tiny_llama
 
 from adapterkit.errors import BaseModelError
-from adapterkit.fingerprint import INDEX_NAME, base_weight_key, fingerprint, read_base_headers
+from adapterkit.fingerprint import INDEX_NAME, base_weight_key, fingerprint, read_base_config, read_base_headers
 from adapterkit.peft_io import read_adapter
 
 
@@ -161,6 +162,24 @@ def test_unindexed_shards_are_read(bases, tmp_path):
     (folder / INDEX_NAME).unlink()
     assert fingerprint(folder).structure_digest == fingerprint(bases[0]).structure_digest
     assert len(read_base_headers(folder)) >= 3
+
+
+@pytest.mark.parametrize(
+    ("data", "detail"),
+    [
+        (
+            b'{"hidden_size": 8,}',
+            r"\(Expecting property name enclosed in double quotes: line 1 column 19 \(char 18\)\)",
+        ),
+        (b"\xff\xfe", r"\('utf-8' codec can't decode byte 0xff in position 0: invalid start byte\)"),
+        (b"[" * 100_000 + b"]" * 100_000, r"\(nested too deeply\)"),
+    ],
+    ids=["syntax", "not-utf-8", "deep"],
+)
+def test_config_that_is_not_json_is_refused_with_the_parsers_words(data, detail, tmp_path):
+    (tmp_path / "config.json").write_bytes(data)
+    with pytest.raises(BaseModelError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: not valid JSON {detail}$"):
+        read_base_config(tmp_path)
 
 
 def test_not_a_directory(tmp_path):

@@ -211,6 +211,24 @@ def test_every_delta_changing_field_blocks(tmp_path):
     assert torch.equal(plain.delta("lin"), torch.full((4, 3), 4.0))  # 2 * (ones(4,2) @ ones(2,3)) = 2 * 2
 
 
+def test_refused_delta_names_the_adapter_by_its_store_digest():
+    """A stored adapter is named by its digest (as merge and inspect name it); one from a folder has none to give."""
+    tensors = {
+        "base_model.model.lin.lora_A.weight": torch.ones(2, 3),
+        "base_model.model.lin.lora_B.weight": torch.ones(4, 2),
+    }
+    adapter = Adapter.from_state_dict({"peft_type": "LORA", "r": 2, "use_dora": True}, tensors)
+    with pytest.raises(UnsupportedAdapterError, match=r"^the weight change of this adapter is not scaling \* B @ A"):
+        adapter.delta("lin")
+    adapter.digest = "sha256:" + "0123456789ab" * 5 + "cdef"
+    with pytest.raises(UnsupportedAdapterError) as info:
+        adapter.delta("lin")
+    assert str(info.value) == (
+        "the weight change of adapter sha256:0123456789ab is not scaling * B @ A (field 'use_dora' is True); "
+        "it can be stored and exported, but not composed or merged"
+    )
+
+
 # --- rank/alpha resolution against PEFT's own function ---------------------------------------------------------
 
 _MODULES = [

@@ -137,6 +137,18 @@ def test_hook_register_remotes() -> None:
     assert owners["s3"] == "adapterkit.default_plugins"  # built-in remotes go through the same hook
 
 
+def test_a_remote_factory_that_returns_no_remote_is_a_plugin_error() -> None:
+    """The plugin is at fault, not the push or pull: PluginError (not SyncError), naming the scheme."""
+    from adapterkit.errors import SyncError
+    from adapterkit.sync import open_remote
+
+    plugins = Plugins(entry_points=False)
+    plugins.register(MemoryRemotes, name="memory-remotes")
+    with pytest.raises(PluginError, match=r"^the mem:// plugin returned dict, which is not a Remote$") as info:
+        open_remote("mem://x", plugins=plugins)
+    assert not isinstance(info.value, SyncError)
+
+
 def test_duplicate_names_are_refused_naming_both_plugins() -> None:
     from adapterkit.strategies.linear import STRATEGY
 

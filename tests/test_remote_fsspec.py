@@ -286,6 +286,14 @@ def test_pull_a_pinned_digest(remote: RemoteRoot, stores: tuple[Store, Store], a
         pull(b, f"{remote.url}/org/model@{missing}")
 
 
+def test_a_digest_prefix_cannot_be_pulled(remote: RemoteRoot, stores: tuple[Store, Store], adapter: str) -> None:
+    a, b = stores
+    push(a, REF, remote.url)
+    with pytest.raises(InvalidReferenceError, match=r"a digest prefix cannot be pulled; give NAME\[:TAG\] or NAME@"):
+        pull(b, f"{remote.url}/{adapter[:19]}")
+    assert pull(b, f"{remote.url}/{adapter}", "org/model:pinned").digest == adapter  # the whole digest works
+
+
 def test_pull_a_missing_name_is_a_clear_error(remote: RemoteRoot, stores: tuple[Store, Store], adapter: str) -> None:
     a, b = stores
     push(a, REF, remote.url)
@@ -417,6 +425,29 @@ def test_a_corrupt_remote_manifest_is_refused(remote: RemoteRoot, stores: tuple[
     with pytest.raises(SyncError, match=r"the manifest of .* hashes to sha256:.*corrupt"):
         pull(b, f"{remote.url}/{REF}")
     assert not b.root.exists() or b.refs_by_digest() == {}
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])  # file:// remotes read refs as a local store does
+def test_a_corrupt_remote_ref_names_the_file_to_repair(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, stores: tuple[Store, Store], adapter: str
+) -> None:
+    remote = _root(kind, tmp_path, request)
+    a, b = stores
+    push(a, REF, remote.url)
+    key = "refs/org/model/_tags/v1"
+    remote.write(key, b"not a digest\n")
+    expected = (
+        f"{remote.url}/{REF}: corrupt ref ({remote.url}/{key} does not hold a sha256 digest); "
+        "delete that file and push the adapter again, or write the right sha256:<64 hex digits> into it"
+    )
+    for attempt in (lambda: pull(b, f"{remote.url}/{REF}"), lambda: push(a, REF, remote.url)):
+        with pytest.raises(SyncError) as info:
+            attempt()
+        assert str(info.value) == expected
+    assert remote.read(key) == b"not a digest\n"  # left for the user to repair
+    remote.delete(key)  # the remedy the message gives
+    push(a, REF, remote.url)
+    assert pull(b, f"{remote.url}/{REF}").digest == adapter
 
 
 def test_push_repairs_a_wrong_sized_remote_blob(remote: RemoteRoot, stores: tuple[Store, Store], adapter: str) -> None:

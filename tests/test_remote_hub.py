@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from hub_server import HubServer
 
 from adapterkit import sync
 from adapterkit.errors import (
+    AdapterFormatError,
     IntegrityError,
     InvalidReferenceError,
     ReferenceNotFoundError,
@@ -346,7 +348,9 @@ def test_pull_with_manifest_skips_blobs_the_store_has(fresh: HubServer, peft_fol
     assert gets(fresh, METADATA_PATH) == gets(fresh, "adapter_model.safetensors") == gets(fresh, "README.md") == 0
 
 
-def test_stale_manifest_falls_back_to_the_files(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
+def test_stale_manifest_falls_back_to_the_files(
+    fresh: HubServer, peft_folders: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A repo edited after the push (config changed on the Hub): its files win, with a warning."""
     a = Store(tmp_path / "a")
     digest = a.add(peft_folders.lora, "demo:v1").digest
@@ -362,6 +366,20 @@ def test_stale_manifest_falls_back_to_the_files(fresh: HubServer, peft_folders: 
         (tmp_path / "hub-files" / name).write_bytes(fresh.files_at(repo)[name])
     assert pulled.digest == reference.add(tmp_path / "hub-files").digest != digest
 
+    # `adapterkit pull` shows the notice as one line, like its errors, not as Python's UserWarning display.
+    from click.testing import CliRunner
+
+    from adapterkit.cli import cli
+
+    monkeypatch.setenv("HF_ENDPOINT", fresh.endpoint)
+    result = CliRunner().invoke(cli, ["--store", str(tmp_path / "c"), "pull", f"hf://{repo}"])
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(
+        rf"Warning: hf://{repo}@[0-9a-f]{{40}}: adapter_config\.json no longer matches \.adapterkit/manifest\.json; "
+        r"importing its files as a plain PEFT adapter\n",
+        result.stderr,
+    ), result.stderr
+
 
 # -- errors and faults ----------------------------------------------------------------------------------------
 
@@ -374,16 +392,24 @@ def test_missing_repo_revision_and_files(fresh: HubServer, peft_folders: Any, tm
     fresh.seed(repo, peft_files(peft_folders.lora))
     with pytest.raises(ReferenceNotFoundError, match="no branch, tag or commit 'v9'") as no_rev:
         remote(fresh, f"hf://{repo}@v9").pull(store)
+    # The repository exists; what it holds is not a PEFT adapter: the same error class `add` gives a folder.
     empty = repo_name("empty")
     fresh.create_repo(empty)
-    with pytest.raises(ReferenceNotFoundError, match="not a PEFT adapter repository") as not_peft:
+    with pytest.raises(AdapterFormatError, match="not a PEFT adapter repository") as not_peft:
         remote(fresh, f"hf://{empty}").pull(store)
+    no_weights = repo_name("noweights")
+    fresh.seed(no_weights, {"adapter_config.json": (peft_folders.lora / "adapter_config.json").read_bytes()})
+    with pytest.raises(
+        AdapterFormatError, match=r"no adapter_model\.safetensors \(or adapter_model\.bin\) in the repository"
+    ) as no_weights_error:
+        remote(fresh, f"hf://{no_weights}").pull(store)
+    assert not isinstance(not_peft.value, ReferenceNotFoundError | SyncError)
     ia3 = repo_name("ia3")
     config = json.loads((peft_folders.lora / "adapter_config.json").read_text()) | {"peft_type": "IA3"}
     fresh.seed(ia3, {**peft_files(peft_folders.lora), "adapter_config.json": json.dumps(config).encode()})
     with pytest.raises(UnsupportedAdapterError, match=f"^hf://{ia3}@[0-9a-f]{{40}}: adapter_config.json") as ia3_error:
         remote(fresh, f"hf://{ia3}").pull(store)
-    for exc in (missing, no_rev, not_peft, ia3_error):
+    for exc in (missing, no_rev, not_peft, no_weights_error, ia3_error):
         assert "\n" not in str(exc.value) and "adapterkit-hf-" not in str(exc.value)
     assert not store.initialised()
 

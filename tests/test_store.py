@@ -30,6 +30,7 @@ from adapterkit.errors import (
     InvalidReferenceError,
     ReferenceNotFoundError,
     StoreError,
+    StoreLockedError,
     UnsupportedAdapterError,
 )
 from adapterkit.fingerprint import fingerprint
@@ -478,6 +479,29 @@ def test_a_wrong_sized_object_is_replaced_by_the_next_writer(store: Store, make_
     assert len(list((store.root / "corrupt").iterdir())) == 1  # moved aside, not deleted
     assert store.verify(full=True).ok
     assert_same_adapter(store.get("a"), folder)
+
+
+def test_an_object_another_program_keeps_replacing_is_not_published(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each time adapterkit links its object in, something else has put a wrong file there first."""
+    with store.writing():
+        pass  # the store exists
+
+    def intruder(source: Path, target: Path) -> None:
+        Path(target).write_bytes(b"not the object")
+        raise FileExistsError(target)
+
+    monkeypatch.setattr(os, "link", intruder)
+    data = b"the object's bytes"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with pytest.raises(StoreError) as info:
+        store.blobs.put_bytes(data)
+    assert str(info.value) == (
+        f"cannot publish {digest}: another program keeps replacing {store.blobs.path(digest)}; stop anything else "
+        "that writes into this store, run `adapterkit verify`, then retry"
+    )
+    assert len(list((store.root / "corrupt").iterdir())) == 2  # each intruding file was moved aside, not deleted
 
 
 def test_verify_reports_strays_and_gc_leaves_them(store: Store, peft_folders: Any) -> None:
@@ -978,6 +1002,29 @@ def test_gc_is_not_starved_by_overlapping_writers(tmp_path: Path) -> None:
         for thread in threads:
             thread.join()
     assert waited < 3.0  # starved, it would time out after 5 s
+
+
+def test_a_held_store_lock_is_named_as_the_store_lock(store: Store, make_adapter: Callable[..., Path]) -> None:
+    """The lock is called gc.lock, but a writer waiting for it is not running gc: the message says what holds it."""
+    from adapterkit.store.locks import gc_lock
+
+    folder = make_adapter("a", seed=1)
+    store.add(folder, "a")
+    waiting = Store(store.root, lock_timeout=0.1)
+    # a gc is running
+    with gc_lock(store.root / "locks", exclusive=True, timeout=5), pytest.raises(StoreLockedError) as info:
+        waiting.add(folder, "b")
+    assert str(info.value) == (
+        f"timed out after 0 s waiting for the store lock ({store.root / 'locks' / 'gc.lock'}); another adapterkit "
+        "process holds it (a gc, or a command writing to or verifying this store): retry when it is done"
+    )
+    # a writer is inside
+    with (
+        gc_lock(store.root / "locks", exclusive=False, timeout=5),
+        pytest.raises(StoreLockedError, match=r"waiting for the store lock .*\(a gc, or a command writing"),
+    ):
+        waiting.gc()
+    assert waiting.add(folder, "b").digest == store.resolve("a")
 
 
 def test_gc_after_a_shorter_grace_does_not_refuse(store: Store, make_adapter: Callable[..., Path]) -> None:

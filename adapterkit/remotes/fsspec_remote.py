@@ -161,10 +161,14 @@ def _ref_bytes(digest: str) -> bytes:
     return f"{digest}\n".encode()
 
 
-def _parse_ref_bytes(data: bytes, where: str) -> str:
+def _parse_ref_bytes(data: bytes, root: _Backend, name: str, tag: str) -> str:
+    """The digest the ref file of ``name:tag`` in the remote store ``root`` holds."""
     text = data.decode("ascii", "replace").strip()
     if not DIGEST_RE.fullmatch(text):
-        raise SyncError(f"{where}: corrupt ref (does not hold a sha256 digest)")
+        raise SyncError(
+            f"{root}/{name}:{tag}: corrupt ref ({root}/{_ref_key(name, tag)} does not hold a sha256 digest); "
+            "delete that file and push the adapter again, or write the right sha256:<64 hex digits> into it"
+        )
     return text
 
 
@@ -486,7 +490,7 @@ class _FsspecBackend(_Backend):
 
     def read_ref(self, name: str, tag: str) -> tuple[str | None, Any]:
         data = self._get(_ref_key(name, tag))
-        digest = None if data is None else _parse_ref_bytes(data, f"{self}/{name}:{tag}")
+        digest = None if data is None else _parse_ref_bytes(data, self, name, tag)
         return digest, digest
 
     def write_ref(self, name: str, tag: str, digest: str, expected: str | None, token: Any, message: str) -> None:
@@ -702,7 +706,7 @@ class _S3Backend(_FsspecBackend):
 
     def read_ref(self, name: str, tag: str) -> tuple[str | None, Any]:
         data, etag = self._get_tagged(_ref_key(name, tag))
-        digest = None if data is None else _parse_ref_bytes(data, f"{self}/{name}:{tag}")
+        digest = None if data is None else _parse_ref_bytes(data, self, name, tag)
         return digest, etag
 
     def write_ref(self, name: str, tag: str, digest: str, expected: str | None, token: Any, message: str) -> None:
@@ -849,7 +853,9 @@ class FsspecRemote:
         rest = "/".join(location.parts[len(root.location.parts) :])
         ref = parse_ref(rest)
         if ref.prefix is not None:
-            raise InvalidReferenceError(f"{location}: a remote adapter is NAME[:TAG] or NAME@sha256:<64 hex digits>")
+            raise InvalidReferenceError(
+                f"{location}: a digest prefix cannot be pulled; give NAME[:TAG] or NAME@sha256:<64 hex digits>"
+            )
         return root, ref
 
     def pull(

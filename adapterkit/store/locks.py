@@ -25,8 +25,8 @@ from adapterkit.errors import StoreLockedError
 __all__ = ["file_lock", "gc_lock"]
 
 
-def _acquire(path: Path, *, shared: bool, deadline: float, timeout: float, what: str) -> int:
-    """An open fd of ``path`` holding the lock; raises StoreLockedError once ``deadline`` passes."""
+def _acquire(path: Path, *, shared: bool, deadline: float) -> int | None:
+    """An open fd of ``path`` holding the lock; None once ``deadline`` passes (the caller says why)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -38,10 +38,8 @@ def _acquire(path: Path, *, shared: bool, deadline: float, timeout: float, what:
                 return fd
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise StoreLockedError(
-                        f"timed out after {timeout:.0f} s waiting for the {what} lock ({path}); "
-                        "another adapterkit process is working on this store"
-                    ) from None
+                    os.close(fd)
+                    return None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
     except BaseException:
@@ -59,7 +57,12 @@ def _release(fd: int) -> None:
 @contextlib.contextmanager
 def file_lock(path: Path, *, shared: bool = False, timeout: float = 60.0, what: str = "store") -> Iterator[None]:
     """Hold the flock on ``path`` (created if missing) for the block."""
-    fd = _acquire(path, shared=shared, deadline=time.monotonic() + timeout, timeout=timeout, what=what)
+    fd = _acquire(path, shared=shared, deadline=time.monotonic() + timeout)
+    if fd is None:
+        raise StoreLockedError(
+            f"timed out after {timeout:.0f} s waiting for the {what} lock ({path}); "
+            "another adapterkit process is working on this store"
+        )
     try:
         yield
     finally:
@@ -70,12 +73,17 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float = 60.0, what: 
 def gc_lock(locks_dir: Path, *, exclusive: bool, timeout: float = 60.0) -> Iterator[None]:
     """The store-wide lock: shared for writers (and verify), exclusive for gc, fair to gc."""
     deadline = time.monotonic() + timeout
-    turnstile = _acquire(locks_dir / "gc.turnstile", shared=False, deadline=deadline, timeout=timeout, what="gc")
+    turnstile = _acquire(locks_dir / "gc.turnstile", shared=False, deadline=deadline)
+    if turnstile is None:
+        raise _store_locked(locks_dir, timeout)
     try:
-        held = _acquire(locks_dir / "gc.lock", shared=not exclusive, deadline=deadline, timeout=timeout, what="gc")
+        held = _acquire(locks_dir / "gc.lock", shared=not exclusive, deadline=deadline)
     except BaseException:
         _release(turnstile)
         raise
+    if held is None:
+        _release(turnstile)
+        raise _store_locked(locks_dir, timeout)
     if not exclusive:
         _release(turnstile)  # writers only pass through; gc keeps it so no writer enters behind it
     try:
@@ -84,3 +92,11 @@ def gc_lock(locks_dir: Path, *, exclusive: bool, timeout: float = 60.0) -> Itera
         _release(held)
         if exclusive:
             _release(turnstile)
+
+
+def _store_locked(locks_dir: Path, timeout: float) -> StoreLockedError:
+    # Writers (and verify) hold it shared, gc exclusive: named after gc, it is the lock of the whole store.
+    return StoreLockedError(
+        f"timed out after {timeout:.0f} s waiting for the store lock ({locks_dir / 'gc.lock'}); another adapterkit "
+        "process holds it (a gc, or a command writing to or verifying this store): retry when it is done"
+    )

@@ -150,7 +150,10 @@ class ObjectDir:
                 remove_quietly(tmp)
             fsync_dir(final.parent)
             return True
-        raise StoreError(f"cannot publish {digest}: {final} keeps changing under this process")
+        raise StoreError(
+            f"cannot publish {digest}: another program keeps replacing {final}; stop anything else that writes "
+            "into this store, run `adapterkit verify`, then retry"
+        )
 
     def _reuse(self, final: Path, size: int) -> bool:
         """True when ``final`` already holds these bytes; a wrong-sized one is moved aside first."""

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import (
+    AdapterFormatError,
     AdapterkitError,
     IntegrityError,
     InvalidInputError,
@@ -462,10 +463,10 @@ class HubRemote:
     ) -> str:
         """Import the PEFT files of any adapter repository, as ``adapterkit add`` would."""
         if CONFIG_NAME not in files:
-            raise ReferenceNotFoundError(f"{fetch.at}: not a PEFT adapter repository (no {CONFIG_NAME})")
+            raise AdapterFormatError(f"{fetch.at}: not a PEFT adapter repository (no {CONFIG_NAME})")
         weights = WEIGHTS_NAME if WEIGHTS_NAME in files else BIN_NAME if BIN_NAME in files else None
         if weights is None:
-            raise ReferenceNotFoundError(f"{fetch.at}: no {WEIGHTS_NAME} (or {BIN_NAME}) in the repository")
+            raise AdapterFormatError(f"{fetch.at}: no {WEIGHTS_NAME} (or {BIN_NAME}) in the repository")
         folder = fetch.tmp / "adapter"
         folder.mkdir()
         for path in (CONFIG_NAME, weights, README_NAME):
