@@ -33,9 +33,11 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -466,12 +468,19 @@ def apply_updates(block: torch.Tensor, updates: Sequence[LowRankUpdate], first_r
 
 # --- I/O ---------------------------------------------------------------------------------------------------------
 
-#: Elements per block of a streamed tensor. Blocks of a few hundred kilobytes stay in the CPU cache
-#: from the read through the float32 update to the write, which makes the merge several times faster
-#: than whole-tensor passes over memory, and keeps the scratch memory at a few megabytes.
-_BLOCK_ELEMENTS = 1 << 18
-#: Output blocks in flight between the maths and the writer thread.
+#: Elements per block of a streamed tensor. Blocks of a megabyte or two stay in the CPU cache from
+#: the read through the float32 update to the write, which makes the merge several times faster
+#: than whole-tensor passes over memory, and keeps the scratch memory at a few megabytes; larger
+#: ones also spend less time per byte in Python (measured on 2 cores: 512K elements 10% faster
+#: than 256K).
+_BLOCK_ELEMENTS = 1 << 19
+#: Output blocks in flight between the maths and the writer thread, beyond one per worker.
 _WRITE_DEPTH = 4
+#: Bytes written to an output file between requests to start writing them back to disk.
+_WRITEBACK_EVERY = 1 << 25
+_SYNC_FILE_RANGE_WRITE = 2
+#: Most compute threads a CPU merge uses: past a few, the copies in and out of the page cache bind.
+_MAX_WORKERS = 4
 
 
 def _torch_dtype(code: str) -> torch.dtype:
@@ -530,6 +539,32 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[written:]
 
 
+def _writeback_starter() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)``, or None where it is missing.
+
+    It starts writing a range of dirty pages to disk without waiting: issued as a merge goes, it
+    keeps the disk busy while blocks are computed, and leaves the final ``fsync`` little to wait for.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, length: int) -> None:
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a hint: a failure only means no head start
+
+    return start
+
+
 def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
     """Copy ``length`` bytes at ``offset`` of ``src`` to ``dst``'s position, in the kernel where it can."""
     done = 0
@@ -572,6 +607,8 @@ class _Writer:
         self._aborted = False
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterkit-fsync")
         self._syncs: list[Any] = []
+        self._writeback = _writeback_starter()
+        self._positions: dict[int, tuple[int, int]] = {}  # fd -> (bytes written, bytes handed to write-back)
         self._thread = threading.Thread(target=self._run, name="adapterkit-writer", daemon=True)
         self._thread.start()
 
@@ -589,7 +626,8 @@ class _Writer:
             buffer = torch.empty(max(nbytes, _BLOCK_ELEMENTS * 8), dtype=torch.uint8)
         return buffer
 
-    def write(self, fd: int, buffer: torch.Tensor, nbytes: int) -> None:
+    def write(self, fd: int, buffer: torch.Tensor | Future[torch.Tensor], nbytes: int) -> None:
+        """Queue ``nbytes`` of ``buffer`` for ``fd``; a future is waited for (in order) by the writer thread."""
         self._check()
         self._ops.put(("write", fd, buffer, nbytes))
 
@@ -607,22 +645,36 @@ class _Writer:
             if op is None:
                 return
             kind = op[0]
+            buffer = None
             try:
                 if kind == "close":
+                    self._positions.pop(op[1], None)  # the number is reused by the next file opened
                     if op[2] and self._error is None and not self._aborted:
                         self._syncs.append(self._syncer.submit(_sync_and_close, op[1]))
                     else:
                         os.close(op[1])
+                elif kind == "write":
+                    buffer = op[2].result() if isinstance(op[2], Future) else op[2]
+                    if self._error is None and not self._aborted:
+                        _write_all(op[1], memoryview(buffer[: op[3]].numpy()))
+                        self._advance(op[1], op[3])
                 elif self._error is None and not self._aborted:
-                    if kind == "write":
-                        _write_all(op[1], memoryview(op[2][: op[3]].numpy()))
-                    else:
-                        _copy_range(*op[1:])
+                    _copy_range(*op[1:])
+                    self._advance(op[2], op[4])
             except BaseException as exc:
                 self._error = self._error or exc
             finally:
                 if kind == "write":
-                    self._free.put(op[2])
+                    self._free.put(buffer)
+
+    def _advance(self, fd: int, nbytes: int) -> None:
+        """Count bytes written to ``fd``; every few tens of MB, start writing the newest ones back to disk."""
+        written, flushed = self._positions.get(fd, (0, 0))
+        written += nbytes
+        if self._writeback is not None and written - flushed >= _WRITEBACK_EVERY:
+            self._writeback(fd, flushed, written - flushed)
+            flushed = written
+        self._positions[fd] = (written, flushed)
 
     def close(self, *, abort: bool = False) -> None:
         """Wait for every queued operation and flush; raise the first failure, if any.
@@ -677,13 +729,21 @@ class _Progress:
 
 @dataclass
 class _Streams:
-    """What every shard's writing shares: the device, scratch buffers, the writer and the progress count."""
+    """What every shard's writing shares: the device, the compute workers, the writer and the progress count."""
 
     plan: MergePlan
     device: torch.device
-    scratch: _Scratch
+    workers: ThreadPoolExecutor
     writer: _Writer
     progress: _Progress
+    local: threading.local = field(default_factory=threading.local)
+
+    def scratch(self) -> _Scratch:
+        """This worker thread's own scratch buffers."""
+        mine = getattr(self.local, "scratch", None)
+        if mine is None:
+            mine = self.local.scratch = _Scratch()
+        return mine
 
 
 def _write_shard(src: Path, header: Header, dst: Path, streams: _Streams) -> int:
@@ -739,21 +799,52 @@ def _write_tensor(in_fd: int, out_fd: int, src: Path, header: Header, info: Tens
     start = header.data_start + info.begin
     for first in range(0, rows, step):
         count = min(rows, first + step) - first
-        numel = count * cols
-        raw = streams.scratch.get("in", numel * in_size, torch.uint8)
-        _pread_exact(in_fd, memoryview(raw.numpy()), start + first * cols * in_size, src, info.name)
-        values = raw.view(in_dtype)
-        out_buffer = writer.buffer(numel * out_size)
-        out = out_buffer[: numel * out_size].view(out_dtype)
-        if updates:
-            block = streams.scratch.get("work", numel, compute, streams.device).view(count, cols)
-            block.copy_(values.view(count, cols))
-            apply_updates(block, updates, first)
-            out.copy_(block.view(-1))
-        else:
-            out.copy_(values)
-        writer.write(out_fd, out_buffer, numel * out_size)
+        block = _Block(in_fd, src, info.name, start + first * cols * in_size, first, count, cols)
+        out_buffer = writer.buffer(count * cols * out_size)
+        task = streams.workers.submit(_compute_block, block, in_dtype, out_dtype, compute, updates, out_buffer, streams)
+        writer.write(out_fd, task, count * cols * out_size)
     return info.numel * out_size
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A run of whole rows of one tensor in a base shard."""
+
+    fd: int
+    path: Path
+    name: str
+    offset: int
+    first_row: int
+    rows: int
+    cols: int
+
+
+def _compute_block(
+    block: _Block,
+    in_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    compute: torch.dtype,
+    updates: Sequence[LowRankUpdate],
+    out_buffer: torch.Tensor,
+    streams: _Streams,
+) -> torch.Tensor:
+    """Read one block, add its rows of every update (in ``compute`` precision), round it into ``out_buffer``."""
+    import torch
+
+    scratch = streams.scratch()
+    numel = block.rows * block.cols
+    raw = scratch.get("in", numel * in_dtype.itemsize, torch.uint8)
+    _pread_exact(block.fd, memoryview(raw.numpy()), block.offset, block.path, block.name)
+    values = raw.view(in_dtype)
+    out = out_buffer[: numel * out_dtype.itemsize].view(out_dtype)
+    if updates:
+        work = scratch.get("work", numel, compute, streams.device).view(block.rows, block.cols)
+        work.copy_(values.view(block.rows, block.cols))
+        apply_updates(work, updates, block.first_row)
+        out.copy_(work.view(-1))
+    else:
+        out.copy_(values)
+    return out_buffer
 
 
 def _write_index(plan: MergePlan, tmp: Path) -> None:
@@ -813,17 +904,20 @@ def _device(device: str | torch.device | None) -> torch.device:
 def _write_shards(plan: MergePlan, tmp: Path, device: torch.device, progress: MergeProgress | None) -> int:
     """Write every output shard into ``tmp``; returns the bytes written.
 
-    The maths runs on one CPU thread: blocks are small, and on few cores a thread pool spends more
-    time waking up than computing, while the second core is busy copying bytes in the writer thread.
+    Blocks are computed by a few worker threads, each on one torch thread (blocks are small, and
+    a torch thread pool spends more time waking up than computing on them), while the writer
+    thread copies finished blocks into the page cache in order. All of them release the GIL.
     """
     import torch
 
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
-    writer = _Writer()
+    count = _workers(device)
+    workers = ThreadPoolExecutor(max_workers=count, thread_name_prefix="adapterkit-merge")
+    writer = _Writer(depth=_WRITE_DEPTH + count)
     try:
-        streams = _Streams(plan, device, _Scratch(), writer, _Progress(progress, plan.total_bytes))
+        streams = _Streams(plan, device, workers, writer, _Progress(progress, plan.total_bytes))
         written = 0
         for src, header in plan.shards.items():
             written += _write_shard(src, header, tmp / src.name, streams)
@@ -833,8 +927,17 @@ def _write_shards(plan: MergePlan, tmp: Path, device: torch.device, progress: Me
     else:
         writer.close()
     finally:
+        workers.shutdown(wait=True)
         torch.set_num_threads(threads)
     return written
+
+
+def _workers(device: torch.device) -> int:
+    """Compute threads: one per core (the writer's copying overlaps them), one for a GPU's stream."""
+    if device.type != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(_MAX_WORKERS, cores))
 
 
 def merge(

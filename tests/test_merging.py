@@ -494,3 +494,39 @@ def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(
     with pytest.raises(merging.MergeError, match="No space left"):
         merge([read_adapter(llama.loras["mixed"])], None, llama.base, tmp_path / "out")
     assert listing(tmp_path) == before
+
+
+def test_a_failure_in_a_compute_worker_is_reported_and_cleaned_up(
+    llama: Case, tmp_path: Path, monkeypatch: Any
+) -> None:
+    import adapterkit.merging as merging
+
+    real, calls = merging._pread_exact, []
+
+    def shrinking(fd: int, into: Any, offset: int, path: Path, name: str) -> None:
+        calls.append(name)
+        if len(calls) == 4:
+            raise merging.MergeError(f"{path}: ended inside {name!r} (the file changed while merging)")
+        real(fd, into, offset, path, name)
+
+    monkeypatch.setattr(merging, "_pread_exact", shrinking)
+    before = listing(tmp_path)
+    with pytest.raises(merging.MergeError, match="the file changed while merging"):
+        merge([read_adapter(llama.loras["mixed"])], None, llama.base, tmp_path / "out")
+    assert listing(tmp_path) == before
+
+
+def test_the_output_does_not_depend_on_how_many_workers_compute_it(
+    llama: Case, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Blocks computed out of order by several threads are written in order: byte-identical shards."""
+    import adapterkit.merging as merging
+
+    monkeypatch.setattr(merging, "_BLOCK_ELEMENTS", 64)  # many blocks per tensor
+    outputs = []
+    for workers in (1, 3):
+        monkeypatch.setattr(merging, "_workers", lambda device, n=workers: n)
+        out = tmp_path / f"out-{workers}"
+        merge([read_adapter(llama.loras["mixed"])], [0.8], llama.base, out)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]
