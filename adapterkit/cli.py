@@ -425,7 +425,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
             raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--param")
         try:
             params[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             params[key] = value
     return params
 
@@ -534,7 +534,7 @@ def merge(
     if dry_run:
         from adapterkit.inspection import plan_merge_summary
 
-        summary = plan_merge_summary(adapters, parsed_weights, base_dir, dtype=dtype, force=force)
+        summary = plan_merge_summary(adapters, parsed_weights, base_dir, dtype=dtype, force=force, device=device)
         _emit(
             ctx,
             summary,

@@ -576,6 +576,7 @@ def plan_merge_summary(
     base_dir: str | os.PathLike[str],
     dtype: str | torch.dtype | None = None,
     force: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """What ``merge`` with the same arguments would write and cost, from :func:`~adapterkit.merging.plan_merge`.
 
@@ -588,10 +589,13 @@ def plan_merge_summary(
     follows merge's streaming: it holds the adapters' factors, one tensor's factors converted to
     the compute dtype (float32, float64 for a float64 base or output), and reusable buffers sized
     by the largest row block (``merging._BLOCK_ELEMENTS`` elements or one whole row, whichever is
-    larger): the raw input block, the compute block, and ``merging._WRITE_DEPTH`` output blocks in
-    flight. Whole tensors are never held, so ``largest_tensor`` is there for reference only.
+    larger): a raw input block and a compute block per worker thread, and ``merging._WRITE_DEPTH``
+    plus one per worker output blocks in flight. The number of workers depends on the machine's
+    cores; the estimate takes the most a CPU merge uses (``merging._MAX_WORKERS``; 1 on a GPU), so
+    it does not change from machine to machine. Whole tensors are never held, so ``largest_tensor``
+    is there for reference only.
     """
-    from adapterkit.merging import _BLOCK_ELEMENTS, _WRITE_DEPTH, _shard_header, plan_merge
+    from adapterkit.merging import _BLOCK_ELEMENTS, _MAX_WORKERS, _WRITE_DEPTH, _device, _shard_header, plan_merge
     from adapterkit.safetensors_io import DTYPE_SIZES
 
     plan = plan_merge(adapters, weights, base_dir, dtype=dtype, force=force)
@@ -621,10 +625,11 @@ def plan_merge_summary(
                 converted += 1
                 rows, cols = info.numel, 1
             block = min(rows, max(1, _BLOCK_ELEMENTS // max(cols, 1))) * cols
-            in_peak = max(in_peak, block * DTYPE_SIZES[info.dtype], _BLOCK_ELEMENTS)
-            writer_peak = max(writer_peak, block * DTYPE_SIZES[out_code], _BLOCK_ELEMENTS * 8)
+            # buffers are allocated at a minimum size, but only the bytes a block fills are ever touched
+            in_peak = max(in_peak, block * DTYPE_SIZES[info.dtype])
+            writer_peak = max(writer_peak, block * DTYPE_SIZES[out_code])
             if contributions:
-                work_peak[compute] = max(work_peak.get(compute, 0), max(block, _BLOCK_ELEMENTS) * DTYPE_SIZES[compute])
+                work_peak[compute] = max(work_peak.get(compute, 0), block * DTYPE_SIZES[compute])
                 live = [c for c in contributions if c.factor != 0.0]
                 tensor_flops = sum(2 * rows * cols * c.module.spec.r for c in live)
                 update_peak = max(
@@ -643,7 +648,8 @@ def plan_merge_summary(
                     ],
                 }
     adapter_bytes = sum(_factor_bytes(a) for a in adapters)
-    buffers = in_peak + sum(work_peak.values()) + _WRITE_DEPTH * writer_peak
+    workers = _MAX_WORKERS if _device(device).type == "cpu" else 1
+    buffers = workers * (in_peak + sum(work_peak.values())) + (_WRITE_DEPTH + workers) * writer_peak
     if largest is not None:
         largest["float32_bytes"] = largest.pop("numel") * 4
     return {

@@ -74,6 +74,8 @@ def load_config_json(data: bytes, source: str) -> dict[str, Any]:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise AdapterFormatError(f"{source}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{source}: not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise AdapterFormatError(f"{source}: not a JSON object")
     return canonical_config(doc)

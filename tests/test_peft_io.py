@@ -221,6 +221,7 @@ def test_folder_refusals_name_the_path(lora_folder, tmp_path):
         (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 1\n", "Git LFS pointer"),
         (b"{not json", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, r"not valid JSON \(nested too deeply\)"),
         (b"[1, 2]", "not a JSON object"),
         (b'{"base_model": "lerobot/smolvla_base"}', "'peft_type'"),
         (b'{"peft_type": "LORA", "r": -1}', "'r'"),

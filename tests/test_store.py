@@ -1062,3 +1062,12 @@ def test_add_with_a_tied_base_accepts_an_lm_head_adapter(tmp_path: Path) -> None
     folder = save_lora(base, tmp_path / "head", target_modules=["q_proj", "lm_head"])
     result = Store(tmp_path / "store").add(folder, "head", base=base_dir)
     assert result.info["base_model"]["structure_digest"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("parse", ["parse_manifest", "parse_metadata"])
+def test_documents_nested_beyond_the_parser_are_integrity_errors(parse: str) -> None:
+    """A remote can serve any bytes as a manifest: a bomb of nesting is refused, not a traceback."""
+    from adapterkit.store import documents
+
+    with pytest.raises(IntegrityError, match=r"^manifest sha256:ab: not valid JSON \(nested too deeply\)$"):
+        getattr(documents, parse)(b"[" * 100_000 + b"]" * 100_000, "manifest sha256:ab")

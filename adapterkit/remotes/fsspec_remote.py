@@ -177,7 +177,7 @@ def _check_marker(data: bytes, where: Any) -> None:
         doc = json.loads(data)
         ok = doc.get("format") == _STORE_FORMAT
         version = doc.get("version")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         ok, version = False, None
     if not ok:
         raise SyncError(f"{where}: {_MARKER} is not an adapterkit store marker")

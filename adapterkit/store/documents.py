@@ -126,6 +126,8 @@ def _load(data: bytes, source: str) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise IntegrityError(f"{source}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise IntegrityError(f"{source}: not valid JSON (nested too deeply)") from None
 
 
 def parse_manifest(data: bytes, source: str, *, known_valid: bool = False) -> tuple[Layer, list[Layer]]:

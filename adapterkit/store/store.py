@@ -118,7 +118,7 @@ class Store:
             version = doc["version"]
         except FileNotFoundError:
             version = None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise StoreError(f"{marker}: unreadable store marker; is {self.root} an adapterkit store?") from None
         except OSError as exc:
             raise StoreError(f"{marker}: cannot read ({exc.strerror or exc})") from None

@@ -126,7 +126,7 @@ class _Checker:
         self.report = VerifyReport()
         try:
             self.cache: dict[str, list[int]] = {} if full else json.loads((store.root / _CACHE).read_text("utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             self.cache = {}
         self.new_cache: dict[str, list[int]] = {}
         #: digest -> size of every blob found intact; None for one found missing or damaged.
