@@ -585,7 +585,7 @@ def plan_merge_summary(
     that receive a delta and ``bytes_written`` the output shards' size (headers included).
 
     ``flops`` is the sum over merged tensors of ``2 * rows * cols * r`` per contribution with a
-    non-zero weight (one ``addmm_`` each; zero weights are skipped by merge too). ``peak_bytes``
+    non-zero weight (one ``addmm_`` each; the plan leaves zero-weight contributions out). ``peak_bytes``
     follows merge's streaming: it holds the adapters' factors, one tensor's factors converted to
     the compute dtype (float32, float64 for a float64 base or output), and reusable buffers sized
     by the largest row block (``merging._BLOCK_ELEMENTS`` elements or one whole row, whichever is
@@ -630,10 +630,9 @@ def plan_merge_summary(
             writer_peak = max(writer_peak, block * DTYPE_SIZES[out_code])
             if contributions:
                 work_peak[compute] = max(work_peak.get(compute, 0), block * DTYPE_SIZES[compute])
-                live = [c for c in contributions if c.factor != 0.0]
-                tensor_flops = sum(2 * rows * cols * c.module.spec.r for c in live)
+                tensor_flops = sum(2 * rows * cols * c.module.spec.r for c in contributions)
                 update_peak = max(
-                    update_peak, sum((rows + cols) * c.module.spec.r * DTYPE_SIZES[compute] for c in live)
+                    update_peak, sum((rows + cols) * c.module.spec.r * DTYPE_SIZES[compute] for c in contributions)
                 )
                 flops += tensor_flops
                 touched[info.name] = {

@@ -161,7 +161,7 @@ class MergeReport:
     #: digests of the merged adapters (None for one never stored), in order.
     adapters: list[str | None]
     weights: list[float]
-    #: the output dtype when it differs from the base's, else None.
+    #: the output dtype code (``"BF16"``...) when one was asked for, else None (each tensor keeps its own).
     dtype: str | None
     device: str
     shards: int
@@ -304,7 +304,9 @@ def _build_targets(
                     "embedding and output layer: the merged model has the change on both (as PEFT's merge_and_unload "
                     "does), while the unmerged adapter changed only one"
                 )
-            targets.setdefault(key, []).append(Contribution(i, module, weight * module.spec.scaling))
+            factor = weight * module.spec.scaling
+            if factor != 0.0:  # checked like the others, but a zero weight (or alpha) changes nothing
+                targets.setdefault(key, []).append(Contribution(i, module, factor))
     return targets, warnings
 
 
@@ -443,8 +445,6 @@ def low_rank_updates(
     """
     updates = []
     for contribution in contributions:
-        if contribution.factor == 0.0:
-            continue
         spec = contribution.module.spec
         a = contribution.module.A.to(device=device, dtype=dtype).flatten(1)
         b = contribution.module.B.to(device=device, dtype=dtype).flatten(1)
@@ -874,6 +874,14 @@ def _copy_files(plan: MergePlan, tmp: Path) -> list[str]:
     return copied
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -979,6 +987,8 @@ def merge(
         if plan.index is not None:
             _write_index(plan, tmp)
         copied = _copy_files(plan, tmp)
+        for name in [INDEX_NAME] * (plan.index is not None) + copied:
+            _fsync_file(tmp / name)  # the shards were synced as they were closed
         _fsync_dir(tmp)
         if out.exists() or out.is_symlink():
             raise InvalidInputError(f"{out}: appeared while merging; the merge was not published")

@@ -530,3 +530,32 @@ def test_the_output_does_not_depend_on_how_many_workers_compute_it(
         merge([read_adapter(llama.loras["mixed"])], [0.8], llama.base, out)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outputs[0] == outputs[1]
+
+
+def test_a_zero_weight_adapter_changes_nothing_and_is_not_counted(llama: Case, tmp_path: Path) -> None:
+    attn, mixed = read_adapter(llama.loras["attn"]), read_adapter(llama.loras["mixed"])
+    both = merge([attn, mixed], [1.0, 0.0], llama.base, tmp_path / "both")
+    alone = merge([attn], [1.0], llama.base, tmp_path / "alone")
+    assert both.merged_tensors == alone.merged_tensors
+    assert tensors_of(tmp_path / "both").keys() == tensors_of(tmp_path / "alone").keys()
+    for path in (tmp_path / "alone").glob("*.safetensors"):
+        assert (tmp_path / "both" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_every_file_is_flushed_before_the_folder_is_published(llama: Case, tmp_path: Path, monkeypatch: Any) -> None:
+    """A power cut after the rename must not leave an empty config.json or index in a published model."""
+    real_fsync, real_rename, synced, published = os.fsync, os.rename, set(), []
+
+    def fsync(fd: int) -> None:
+        synced.add(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any) -> None:
+        published.append(sorted(p.name for p in Path(src).iterdir() if p.is_file()))
+        assert set(published[-1]) <= synced, set(published[-1]) - synced
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    merge([read_adapter(llama.loras["attn"])], None, llama.base, tmp_path / "out")
+    assert published and "config.json" in published[0] and "model.safetensors.index.json" in published[0]
