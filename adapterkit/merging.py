@@ -60,6 +60,7 @@ from adapterkit.fingerprint import (
 from adapterkit.lora import check_weights
 from adapterkit.lora_config import KEY_PREFIX, carried_features, delta_blockers
 from adapterkit.safetensors_io import CANONICAL_METADATA, DTYPE_SIZES, Header, TensorInfo
+from adapterkit.sequential_file import SequentialFile, pread_exact
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +107,6 @@ _DTYPE_ALIASES = {
 _CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: Files in a model folder that hold weights in some other format: copying them would ship unmerged weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
-_CHUNK = 1 << 24
 #: tensor name -> (dtype, shape), as :func:`~adapterkit.fingerprint.fingerprint` lists a base's tensors.
 _Shapes = dict[str, tuple[str, tuple[int, ...]]]
 
@@ -476,9 +476,8 @@ def apply_updates(block: torch.Tensor, updates: Sequence[LowRankUpdate], first_r
 _BLOCK_ELEMENTS = 1 << 19
 #: Output blocks in flight between the maths and the writer thread, beyond one per worker.
 _WRITE_DEPTH = 4
-#: Bytes written to an output file between requests to start writing them back to disk.
-_WRITEBACK_EVERY = 1 << 25
-_SYNC_FILE_RANGE_WRITE = 2
+#: Write output shards with O_DIRECT where the file system allows it (see sequential_file).
+_DIRECT_IO = True
 #: Most compute threads a CPU merge uses: past a few, the copies in and out of the page cache bind.
 _MAX_WORKERS = 4
 
@@ -510,94 +509,28 @@ class _Scratch:
         return buffer[:numel]
 
 
-def _pread_exact(fd: int, into: memoryview, offset: int, path: Path, name: str) -> None:
-    done = 0
-    while done < len(into):
-        try:
-            got = os.preadv(fd, [into[done:]], offset + done)
-        except OSError as exc:
-            raise MergeError(f"{path}: cannot read {name!r} ({exc.strerror or type(exc).__name__})") from None
-        if got == 0:
-            raise MergeError(f"{path}: ended inside {name!r} (the file changed while merging)")
-        done += got
-
-
 def _read_tensor(fd: int, header: Header, info: TensorInfo, path: Path) -> torch.Tensor:
     """One whole tensor of a shard (positional read; used only to compare an adapter's embedding copy)."""
     import torch
 
     buffer = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
-        _pread_exact(fd, memoryview(buffer.numpy()), header.data_start + info.begin, path, info.name)
+        pread_exact(fd, memoryview(buffer.numpy()), header.data_start + info.begin, f"{path}: tensor {info.name!r}")
     return buffer.view(_torch_dtype(info.dtype)).reshape(info.shape)
-
-
-def _write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _writeback_starter() -> Callable[[int, int, int], None] | None:
-    """Linux's ``sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)``, or None where it is missing.
-
-    It starts writing a range of dirty pages to disk without waiting: issued as a merge goes, it
-    keeps the disk busy while blocks are computed, and leaves the final ``fsync`` little to wait for.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-
-    def start(fd: int, offset: int, length: int) -> None:
-        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a hint: a failure only means no head start
-
-    return start
-
-
-def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
-    """Copy ``length`` bytes at ``offset`` of ``src`` to ``dst``'s position, in the kernel where it can."""
-    done = 0
-    while done < length:
-        try:
-            copied = os.copy_file_range(src, dst, length - done, offset + done)
-        except (AttributeError, OSError):
-            break  # not Linux, or across file systems the kernel cannot copy between: copy through user space
-        if copied == 0:
-            raise MergeError("a base shard ended early (the file changed while merging)")
-        done += copied
-    while done < length:
-        chunk = os.pread(src, min(_CHUNK, length - done), offset + done)
-        if not chunk:
-            raise MergeError("a base shard ended early (the file changed while merging)")
-        _write_all(dst, chunk)
-        done += len(chunk)
 
 
 class _Writer:
     """Performs the writes of a merge, in order, on threads of their own.
 
-    Copying a block into the page cache costs about as much as computing it, and both release the
-    GIL, so a writer thread overlaps them; a second thread flushes each finished shard to disk
-    (``fsync``) while the next one is computed. Output blocks circulate through a small pool, which
-    bounds the memory in flight. The first failure is raised in the caller's thread; :meth:`close`
-    (always called) stops the threads and closes every file descriptor handed over.
+    Writing a block costs about as much as computing it, and both release the GIL, so a writer
+    thread overlaps them; a second thread flushes each finished shard to disk (``fsync``) while
+    the next one is computed. Output blocks circulate through a small pool, which bounds the
+    memory in flight. The first failure is raised in the caller's thread; :meth:`close` (always
+    called) stops the threads and closes every file handed over.
     """
 
     def __init__(self, depth: int = _WRITE_DEPTH) -> None:
         import queue
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
 
         self._ops: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._free: queue.Queue[torch.Tensor | None] = queue.Queue()
@@ -606,9 +539,7 @@ class _Writer:
         self._error: BaseException | None = None
         self._aborted = False
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterkit-fsync")
-        self._syncs: list[Any] = []
-        self._writeback = _writeback_starter()
-        self._positions: dict[int, tuple[int, int]] = {}  # fd -> (bytes written, bytes handed to write-back)
+        self._syncs: list[Future[None]] = []
         self._thread = threading.Thread(target=self._run, name="adapterkit-writer", daemon=True)
         self._thread.start()
 
@@ -626,18 +557,23 @@ class _Writer:
             buffer = torch.empty(max(nbytes, _BLOCK_ELEMENTS * 8), dtype=torch.uint8)
         return buffer
 
-    def write(self, fd: int, buffer: torch.Tensor | Future[torch.Tensor], nbytes: int) -> None:
-        """Queue ``nbytes`` of ``buffer`` for ``fd``; a future is waited for (in order) by the writer thread."""
+    def write(self, out: SequentialFile, buffer: torch.Tensor | Future[torch.Tensor], nbytes: int) -> None:
+        """Append ``nbytes`` of ``buffer`` to ``out``; a future is waited for (in order) by the writer thread."""
         self._check()
-        self._ops.put(("write", fd, buffer, nbytes))
+        self._ops.put(("write", out, buffer, nbytes))
 
-    def copy(self, src: int, dst: int, offset: int, length: int) -> None:
+    def copy(self, src: int, out: SequentialFile, offset: int, length: int, what: str) -> None:
+        """Append ``length`` bytes of ``src`` at ``offset`` to ``out``."""
         self._check()
-        self._ops.put(("copy", src, dst, offset, length))
+        self._ops.put(("copy", out, src, offset, length, what))
 
-    def close_fd(self, fd: int, *, sync: bool = False) -> None:
-        """Close ``fd`` once every write queued before has been done (after an fsync when ``sync``)."""
-        self._ops.put(("close", fd, sync))
+    def finish(self, out: SequentialFile) -> None:
+        """Complete ``out`` once everything queued before is written, then fsync and close it."""
+        self._ops.put(("finish", out))
+
+    def close_fd(self, fd: int) -> None:
+        """Close ``fd`` once every operation queued before (reads from it included) is done."""
+        self._ops.put(("close", fd))
 
     def _run(self) -> None:
         while True:
@@ -646,41 +582,35 @@ class _Writer:
                 return
             kind = op[0]
             buffer = None
+            live = self._error is None and not self._aborted
             try:
                 if kind == "close":
-                    self._positions.pop(op[1], None)  # the number is reused by the next file opened
-                    if op[2] and self._error is None and not self._aborted:
-                        self._syncs.append(self._syncer.submit(_sync_and_close, op[1]))
+                    os.close(op[1])
+                elif kind == "finish":
+                    if live:
+                        op[1].finish()
+                        self._syncs.append(self._syncer.submit(op[1].sync_and_close))
                     else:
-                        os.close(op[1])
+                        op[1].close()
                 elif kind == "write":
                     buffer = op[2].result() if isinstance(op[2], Future) else op[2]
-                    if self._error is None and not self._aborted:
-                        _write_all(op[1], memoryview(buffer[: op[3]].numpy()))
-                        self._advance(op[1], op[3])
-                elif self._error is None and not self._aborted:
-                    _copy_range(*op[1:])
-                    self._advance(op[2], op[4])
+                    if live:
+                        op[1].write(memoryview(buffer[: op[3]].numpy()))
+                elif live:
+                    op[1].copy_from(*op[2:])
             except BaseException as exc:
                 self._error = self._error or exc
+                if kind == "finish":
+                    op[1].close()
             finally:
                 if kind == "write":
                     self._free.put(buffer)
-
-    def _advance(self, fd: int, nbytes: int) -> None:
-        """Count bytes written to ``fd``; every few tens of MB, start writing the newest ones back to disk."""
-        written, flushed = self._positions.get(fd, (0, 0))
-        written += nbytes
-        if self._writeback is not None and written - flushed >= _WRITEBACK_EVERY:
-            self._writeback(fd, flushed, written - flushed)
-            flushed = written
-        self._positions[fd] = (written, flushed)
 
     def close(self, *, abort: bool = False) -> None:
         """Wait for every queued operation and flush; raise the first failure, if any.
 
         With ``abort`` (the caller is failing anyway, and its error is the one to report), queued
-        writes are dropped, only the file descriptors are closed, and nothing is raised.
+        writes are dropped, only the files are closed, and nothing is raised.
         """
         self._aborted = self._aborted or abort
         self._ops.put(None)
@@ -692,13 +622,6 @@ class _Writer:
                 self._error = self._error or error
         if not abort:
             self._check()
-
-
-def _sync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _shard_header(order: Sequence[TensorInfo], plan: MergePlan) -> bytes:
@@ -754,25 +677,27 @@ def _write_shard(src: Path, header: Header, dst: Path, streams: _Streams) -> int
     prefix = _shard_header(order, streams.plan)
     in_fd = os.open(src, os.O_RDONLY)
     try:
-        out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        out = SequentialFile(dst, direct=_DIRECT_IO)
     except BaseException:
         os.close(in_fd)
         raise
     try:
         buffer = streams.writer.buffer(len(prefix))
         buffer[: len(prefix)].copy_(torch.frombuffer(bytearray(prefix), dtype=torch.uint8))
-        streams.writer.write(out_fd, buffer, len(prefix))
+        streams.writer.write(out, buffer, len(prefix))
         written = len(prefix)
         for info in order:
-            written += _write_tensor(in_fd, out_fd, src, header, info, streams)
+            written += _write_tensor(in_fd, out, src, header, info, streams)
             streams.progress.advance(info.numel * DTYPE_SIZES[streams.plan.out_dtype(info)], info.name)
     finally:
-        streams.writer.close_fd(out_fd, sync=True)
-        streams.writer.close_fd(in_fd)  # after the copies queued from it
+        streams.writer.finish(out)
+        streams.writer.close_fd(in_fd)  # after the reads and copies queued from it
     return written
 
 
-def _write_tensor(in_fd: int, out_fd: int, src: Path, header: Header, info: TensorInfo, streams: _Streams) -> int:
+def _write_tensor(
+    in_fd: int, out: SequentialFile, src: Path, header: Header, info: TensorInfo, streams: _Streams
+) -> int:
     """Queue one tensor's bytes: raw when nothing changes it, else block by block, updated and/or converted.
 
     A block is a run of whole rows: it is read, widened to float32 (float64 for float64 weights),
@@ -784,7 +709,7 @@ def _write_tensor(in_fd: int, out_fd: int, src: Path, header: Header, info: Tens
     contributions = plan.targets.get(info.name)
     out_code = plan.out_dtype(info)
     if not contributions and out_code == info.dtype:
-        writer.copy(in_fd, out_fd, header.data_start + info.begin, info.nbytes)
+        writer.copy(in_fd, out, header.data_start + info.begin, info.nbytes, f"{src}: tensor {info.name!r}")
         return info.nbytes
     in_size, out_size = DTYPE_SIZES[info.dtype], DTYPE_SIZES[out_code]
     in_dtype, out_dtype = _torch_dtype(info.dtype), _torch_dtype(out_code)
@@ -802,7 +727,7 @@ def _write_tensor(in_fd: int, out_fd: int, src: Path, header: Header, info: Tens
         block = _Block(in_fd, src, info.name, start + first * cols * in_size, first, count, cols)
         out_buffer = writer.buffer(count * cols * out_size)
         task = streams.workers.submit(_compute_block, block, in_dtype, out_dtype, compute, updates, out_buffer, streams)
-        writer.write(out_fd, task, count * cols * out_size)
+        writer.write(out, task, count * cols * out_size)
     return info.numel * out_size
 
 
@@ -834,7 +759,7 @@ def _compute_block(
     scratch = streams.scratch()
     numel = block.rows * block.cols
     raw = scratch.get("in", numel * in_dtype.itemsize, torch.uint8)
-    _pread_exact(block.fd, memoryview(raw.numpy()), block.offset, block.path, block.name)
+    pread_exact(block.fd, memoryview(raw.numpy()), block.offset, f"{block.path}: tensor {block.name!r}")
     values = raw.view(in_dtype)
     out = out_buffer[: numel * out_dtype.itemsize].view(out_dtype)
     if updates:

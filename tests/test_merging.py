@@ -481,15 +481,15 @@ def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(
 ) -> None:
     import adapterkit.merging as merging
 
-    real, calls = merging._write_all, []
+    real, calls = merging.SequentialFile.write, []
 
-    def flaky(fd: int, data: Any) -> None:
-        calls.append(fd)
+    def flaky(self: Any, data: Any) -> None:
+        calls.append(self)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        real(fd, data)
+        real(self, data)
 
-    monkeypatch.setattr(merging, "_write_all", flaky)
+    monkeypatch.setattr(merging.SequentialFile, "write", flaky)
     before = listing(tmp_path)
     with pytest.raises(merging.MergeError, match="No space left"):
         merge([read_adapter(llama.loras["mixed"])], None, llama.base, tmp_path / "out")
@@ -501,17 +501,17 @@ def test_a_failure_in_a_compute_worker_is_reported_and_cleaned_up(
 ) -> None:
     import adapterkit.merging as merging
 
-    real, calls = merging._pread_exact, []
+    real, calls = merging.pread_exact, []
 
-    def shrinking(fd: int, into: Any, offset: int, path: Path, name: str) -> None:
-        calls.append(name)
+    def shrinking(fd: int, into: Any, offset: int, what: str) -> None:
+        calls.append(what)
         if len(calls) == 4:
-            raise merging.MergeError(f"{path}: ended inside {name!r} (the file changed while merging)")
-        real(fd, into, offset, path, name)
+            raise merging.MergeError(f"{what}: the file ended early (it changed while merging)")
+        real(fd, into, offset, what)
 
-    monkeypatch.setattr(merging, "_pread_exact", shrinking)
+    monkeypatch.setattr(merging, "pread_exact", shrinking)
     before = listing(tmp_path)
-    with pytest.raises(merging.MergeError, match="the file changed while merging"):
+    with pytest.raises(merging.MergeError, match="it changed while merging"):
         merge([read_adapter(llama.loras["mixed"])], None, llama.base, tmp_path / "out")
     assert listing(tmp_path) == before
 
@@ -559,3 +559,15 @@ def test_every_file_is_flushed_before_the_folder_is_published(llama: Case, tmp_p
     monkeypatch.setattr(os, "rename", rename)
     merge([read_adapter(llama.loras["attn"])], None, llama.base, tmp_path / "out")
     assert published and "config.json" in published[0] and "model.safetensors.index.json" in published[0]
+
+
+def test_direct_and_buffered_writing_give_the_same_files(llama: Case, tmp_path: Path, monkeypatch: Any) -> None:
+    import adapterkit.merging as merging
+
+    outputs = []
+    for direct in (True, False):
+        monkeypatch.setattr(merging, "_DIRECT_IO", direct)
+        out = tmp_path / f"out-{direct}"
+        merge([read_adapter(llama.loras["attn"]), read_adapter(llama.loras["mixed"])], [0.7, -0.3], llama.base, out)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]
