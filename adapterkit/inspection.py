@@ -588,15 +588,17 @@ def plan_merge_summary(
     non-zero weight (one ``addmm_`` each; the plan leaves zero-weight contributions out). ``peak_bytes``
     follows merge's streaming: it holds the adapters' factors, one tensor's factors converted to
     the compute dtype (float32, float64 for a float64 base or output), and reusable buffers sized
-    by the largest row block (``merging._BLOCK_ELEMENTS`` elements or one whole row, whichever is
-    larger): a raw input block and a compute block per worker thread, and ``merging._WRITE_DEPTH``
+    by the largest row block (``shard_writer._BLOCK_ELEMENTS`` elements or one whole row, whichever is
+    larger): a raw input block and a compute block per worker thread, and ``shard_writer._WRITE_DEPTH``
     plus one per worker output blocks in flight. The number of workers depends on the machine's
-    cores; the estimate takes the most a CPU merge uses (``merging._MAX_WORKERS``; 1 on a GPU), so
+    cores; the estimate takes the most a CPU merge uses (``shard_writer._MAX_WORKERS``; 1 on a GPU), so
     it does not change from machine to machine. Whole tensors are never held, so ``largest_tensor``
     is there for reference only.
     """
-    from adapterkit.merging import _BLOCK_ELEMENTS, _MAX_WORKERS, _WRITE_DEPTH, _device, _shard_header, plan_merge
+    from adapterkit.merge_plan import plan_merge
+    from adapterkit.merging import _device
     from adapterkit.safetensors_io import DTYPE_SIZES
+    from adapterkit.shard_writer import _BLOCK_ELEMENTS, _MAX_WORKERS, _WRITE_DEPTH, _shard_header
 
     plan = plan_merge(adapters, weights, base_dir, dtype=dtype, force=force)
     touched: dict[str, Any] = {}

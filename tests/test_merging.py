@@ -31,6 +31,7 @@ from adapterkit.errors import (
     BaseModelError,
     CompositionError,
     InvalidInputError,
+    MergeError,
     UnsupportedAdapterError,
 )
 from adapterkit.fingerprint import INDEX_NAME, fingerprint
@@ -479,9 +480,9 @@ def test_trained_base_biases_are_refused_naming_the_field(gpt2: Case, tmp_path: 
 def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(
     llama: Case, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    import adapterkit.merging as merging
+    import adapterkit.shard_writer as shard_writer
 
-    real, calls = merging.SequentialFile.write, []
+    real, calls = shard_writer.SequentialFile.write, []
 
     def flaky(self: Any, data: Any) -> None:
         calls.append(self)
@@ -489,9 +490,9 @@ def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(
             raise OSError(28, "No space left on device")
         real(self, data)
 
-    monkeypatch.setattr(merging.SequentialFile, "write", flaky)
+    monkeypatch.setattr(shard_writer.SequentialFile, "write", flaky)
     before = listing(tmp_path)
-    with pytest.raises(merging.MergeError, match="No space left"):
+    with pytest.raises(MergeError, match="No space left"):
         merge([read_adapter(llama.loras["mixed"])], None, llama.base, tmp_path / "out")
     assert listing(tmp_path) == before
 
@@ -499,19 +500,19 @@ def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(
 def test_a_failure_in_a_compute_worker_is_reported_and_cleaned_up(
     llama: Case, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    import adapterkit.merging as merging
+    import adapterkit.shard_writer as shard_writer
 
-    real, calls = merging.pread_exact, []
+    real, calls = shard_writer.pread_exact, []
 
     def shrinking(fd: int, into: Any, offset: int, what: str) -> None:
         calls.append(what)
         if len(calls) == 4:
-            raise merging.MergeError(f"{what}: the file ended early (it changed while merging)")
+            raise MergeError(f"{what}: the file ended early (it changed while merging)")
         real(fd, into, offset, what)
 
-    monkeypatch.setattr(merging, "pread_exact", shrinking)
+    monkeypatch.setattr(shard_writer, "pread_exact", shrinking)
     before = listing(tmp_path)
-    with pytest.raises(merging.MergeError, match="it changed while merging"):
+    with pytest.raises(MergeError, match="it changed while merging"):
         merge([read_adapter(llama.loras["mixed"])], None, llama.base, tmp_path / "out")
     assert listing(tmp_path) == before
 
@@ -520,12 +521,12 @@ def test_the_output_does_not_depend_on_how_many_workers_compute_it(
     llama: Case, tmp_path: Path, monkeypatch: Any
 ) -> None:
     """Blocks computed out of order by several threads are written in order: byte-identical shards."""
-    import adapterkit.merging as merging
+    import adapterkit.shard_writer as shard_writer
 
-    monkeypatch.setattr(merging, "_BLOCK_ELEMENTS", 64)  # many blocks per tensor
+    monkeypatch.setattr(shard_writer, "_BLOCK_ELEMENTS", 64)  # many blocks per tensor
     outputs = []
     for workers in (1, 3):
-        monkeypatch.setattr(merging, "_workers", lambda device, n=workers: n)
+        monkeypatch.setattr(shard_writer, "_workers", lambda device, n=workers: n)
         out = tmp_path / f"out-{workers}"
         merge([read_adapter(llama.loras["mixed"])], [0.8], llama.base, out)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
@@ -562,11 +563,11 @@ def test_every_file_is_flushed_before_the_folder_is_published(llama: Case, tmp_p
 
 
 def test_direct_and_buffered_writing_give_the_same_files(llama: Case, tmp_path: Path, monkeypatch: Any) -> None:
-    import adapterkit.merging as merging
+    import adapterkit.shard_writer as shard_writer
 
     outputs = []
     for direct in (True, False):
-        monkeypatch.setattr(merging, "_DIRECT_IO", direct)
+        monkeypatch.setattr(shard_writer, "_DIRECT_IO", direct)
         out = tmp_path / f"out-{direct}"
         merge([read_adapter(llama.loras["attn"]), read_adapter(llama.loras["mixed"])], [0.7, -0.3], llama.base, out)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})

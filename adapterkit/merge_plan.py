@@ -1,0 +1,350 @@
+"""What a merge will do, decided and checked before a byte is written (no torch maths here).
+
+:func:`plan_merge` reads the base's safetensors headers, resolves every adapter module to the base
+tensor it changes (the common ``transformers`` layouts, tied embeddings, ``fan_in_fan_out``),
+and refuses, naming the module and the base, anything that cannot be merged: a fingerprint
+mismatch, a target the base lacks, a shape or dtype that does not fit, an adapter whose change is
+not ``s * B @ A``. :mod:`adapterkit.merging` then writes what the plan says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.errors import (
+    BaseModelError,
+    IncompatibleAdaptersError,
+    InvalidInputError,
+    UnsupportedAdapterError,
+)
+from adapterkit.fingerprint import (
+    INDEX_NAME,
+    fingerprint,
+    read_base_config,
+    read_base_headers,
+    resolve_target,
+    tied_embedding,
+)
+from adapterkit.lora import check_weights
+from adapterkit.lora_config import KEY_PREFIX, carried_features, delta_blockers
+from adapterkit.safetensors_io import DTYPE_SIZES, Header, TensorInfo
+from adapterkit.sequential_file import pread_exact
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapterkit.lora import Adapter, LoraModule
+
+__all__ = ["CONFIG_NAME", "FLOAT_DTYPES", "Contribution", "MergePlan", "parse_dtype", "plan_merge", "torch_dtype"]
+
+CONFIG_NAME = "config.json"
+#: Floating dtypes a LoRA delta can be added to (and ``dtype=`` may convert between).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_DTYPE_ALIASES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "f32": "F32",
+    "float": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "f16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+    "fp64": "F64",
+    "f64": "F64",
+    "double": "F64",
+}
+#: The names transformers writes into config.json's ``torch_dtype`` / ``dtype``.
+_CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+#: Files in a model folder that hold weights in some other format: copying them would ship unmerged weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+#: tensor name -> (dtype, shape), as :func:`~adapterkit.fingerprint.fingerprint` lists a base's tensors.
+_Shapes = dict[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One adapter module's share of one base tensor: ``factor * B @ A`` laid out like the tensor."""
+
+    adapter: int
+    module: LoraModule
+    factor: float  # weight * scaling
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge will do, decided and checked before anything is written."""
+
+    base_dir: Path
+    weights: list[float]
+    #: shard file -> its validated header, in the order the shards are written.
+    shards: dict[Path, Header]
+    #: base tensor name -> the contributions added to it.
+    targets: dict[str, list[Contribution]]
+    #: output dtype code (``"BF16"``...) when floating tensors are converted, else None.
+    dtype: str | None
+    base_structure_digest: str
+    index: dict[str, Any] | None
+    copy_files: list[Path]
+    skipped_files: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def out_dtype(self, info: TensorInfo) -> str:
+        """The dtype ``info``'s tensor has in the output."""
+        return self.dtype if self.dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data the output shards hold."""
+        return sum(
+            info.numel * DTYPE_SIZES[self.out_dtype(info)]
+            for header in self.shards.values()
+            for info in header.tensors.values()
+        )
+
+
+# --- checks and planning -----------------------------------------------------------------------------------------
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
+    """The safetensors code for ``dtype`` (``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``...); None keeps the base's."""
+    if dtype is None:
+        return None
+    text = str(dtype).removeprefix("torch.")
+    if text.lower() == "auto":
+        return None
+    if text.upper() in FLOAT_DTYPES:
+        return text.upper()
+    code = _DTYPE_ALIASES.get(text.lower())
+    if code is None:
+        raise InvalidInputError(
+            f"dtype {text!r} is not one a merged model can be written in; use float32, float16 or bfloat16"
+        )
+    return code
+
+
+def _label(adapter: Adapter, index: int) -> str:
+    return f"adapter {index + 1} ({adapter.digest[:19]})" if adapter.digest else f"adapter {index + 1}"
+
+
+def _check_adapters(adapters: Sequence[Adapter], base_digest: str, base_dir: Path, force: bool) -> None:
+    """Refuse adapters made for another base, or whose weight change is not ``scaling * B @ A``."""
+    names: set[str] = set()
+    any_fingerprint = False
+    for i, adapter in enumerate(adapters):
+        base = (adapter.metadata or {}).get("base_model") or {}
+        digest = base.get("structure_digest")
+        name = base.get("name") or adapter.config.get("base_model_name_or_path")
+        if name:
+            names.add(str(name))
+        if digest:
+            any_fingerprint = True
+            if digest != base_digest and not force:
+                raise BaseModelError(
+                    f"{_label(adapter, i)} was made for base {digest[:19]}, but {base_dir} is {base_digest[:19]} "
+                    "(structure fingerprints differ); use --force to merge anyway"
+                )
+        blocking = delta_blockers(adapter.config)
+        if blocking:
+            raise UnsupportedAdapterError(
+                f"{_label(adapter, i)} sets {blocking[0]!r}: its weight change is not scaling * B @ A, "
+                "so it cannot be merged"
+            )
+        carried = carried_features(adapter.config)
+        if carried:
+            raise UnsupportedAdapterError(
+                f"{_label(adapter, i)} sets {carried[0]!r}, which brings weights beyond the LoRA factors; "
+                "merge cannot apply it"
+            )
+    if not any_fingerprint and len(names) > 1 and not force:
+        raise IncompatibleAdaptersError(
+            f"adapters name different base models ({', '.join(sorted(names))}); use --force to merge them anyway"
+        )
+
+
+def _build_targets(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    tensors: _Shapes,
+    tied: str | None,
+    base_dir: Path,
+) -> tuple[dict[str, list[Contribution]], list[str]]:
+    """Pair every adapter module with the base tensor it changes (pure: names and shapes only)."""
+    targets: dict[str, list[Contribution]] = {}
+    warnings: list[str] = []
+    for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+        seen: dict[str, str] = {}
+        ensure_tying = bool(adapter.config.get("ensure_weight_tying"))
+        # Direct targets first, so that with ensure_weight_tying the embedding's own module is the one kept.
+        resolved = []
+        for name, module in adapter.modules.items():
+            key, via_tie = resolve_target(name, tensors, tied)
+            if key is None:
+                raise BaseModelError(
+                    f"{base_dir}: has no weight for module {name!r} of {_label(adapter, i)} "
+                    "(is this the base the adapter was trained on?)"
+                )
+            resolved.append((via_tie, name, module, key))
+        for _via_tie, name, module, key in sorted(resolved, key=lambda item: (item[0], item[1])):
+            dtype, shape = tensors[key]
+            if tuple(shape) != module.spec.base_shape:
+                raise BaseModelError(
+                    f"{base_dir}: {key} is {list(shape)} but module {name!r} of {_label(adapter, i)} changes a "
+                    f"{list(module.spec.base_shape)} weight"
+                )
+            if dtype not in FLOAT_DTYPES:
+                raise BaseModelError(
+                    f"{base_dir}: {key} is stored as {dtype} (quantized?); merge adds LoRA deltas to floating "
+                    "weights only"
+                )
+            if key in seen:
+                if ensure_tying and key == tied:
+                    continue  # one delta shared by both sides of the tie: PEFT runs it once per side, unmerged
+                raise BaseModelError(
+                    f"modules {seen[key]!r} and {name!r} of {_label(adapter, i)} both change {key} in {base_dir}"
+                )
+            seen[key] = name
+            if key == tied and not ensure_tying:
+                warnings.append(
+                    f"module {name!r} of {_label(adapter, i)} changes {key}, which the base shares between its input "
+                    "embedding and output layer: the merged model has the change on both (as PEFT's merge_and_unload "
+                    "does), while the unmerged adapter changed only one"
+                )
+            factor = weight * module.spec.scaling
+            if factor != 0.0:  # checked like the others, but a zero weight (or alpha) changes nothing
+                targets.setdefault(key, []).append(Contribution(i, module, factor))
+    return targets, warnings
+
+
+def _check_extra_tensors(
+    adapters: Sequence[Adapter],
+    tensors: _Shapes,
+    tied: str | None,
+    read: Callable[[str], torch.Tensor],
+) -> None:
+    """Accept only extra tensors merging can ignore: PEFT's saved copies of embedding layers equal to the base's.
+
+    ``save_embedding_layers`` makes PEFT store a targeted embedding's base weight beside the factors
+    (``...embed_tokens.base_layer.weight``); loading the adapter puts that copy into the model. When
+    it equals the base's, ignoring it changes nothing; otherwise (a resized vocabulary) merging
+    would have to replace the base weight, which is refused rather than guessed.
+    """
+    import torch
+
+    for i, adapter in enumerate(adapters):
+        for key, value in adapter.extra_tensors.items():
+            path = key.removeprefix(adapter.key_prefix or KEY_PREFIX)
+            base_key = None
+            if path.endswith(".base_layer.weight"):
+                base_key, _ = resolve_target(path.removesuffix(".base_layer.weight"), tensors, tied)
+            if base_key is None:
+                bias = adapter.config.get("bias", "none")
+                cause = (
+                    f" (field 'bias' is {bias!r}: it trains the base's biases)" if bias not in (None, "none") else ""
+                )
+                raise UnsupportedAdapterError(
+                    f"{_label(adapter, i)} carries tensor {key!r}, which is not a LoRA factor{cause}; "
+                    "merge cannot apply it"
+                )
+            if tuple(value.shape) != tuple(tensors[base_key][1]):
+                raise UnsupportedAdapterError(
+                    f"{_label(adapter, i)} carries its own {list(value.shape)} copy of {base_key} "
+                    f"(the base's is {list(tensors[base_key][1])}: a resized vocabulary?); merge cannot apply it"
+                )
+            base = read(base_key)
+            if not (torch.equal(base.to(value.dtype), value) or torch.equal(value.to(base.dtype), base)):
+                raise UnsupportedAdapterError(
+                    f"{_label(adapter, i)} carries its own copy of {base_key} that differs from the base's; "
+                    "merge cannot apply it"
+                )
+
+
+def _other_files(base_dir: Path, shards: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """Files to copy beside the weights (config, tokenizer, ...) and the entries left out."""
+    weights = {path.name for path in shards} | {INDEX_NAME}
+    copy: list[Path] = []
+    skipped: list[str] = []
+    for entry in sorted(base_dir.iterdir()):
+        if entry.name in weights:
+            continue
+        if entry.name.startswith(".") or not entry.is_file() or entry.name.lower().endswith(_WEIGHT_SUFFIXES):
+            skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+            continue
+        copy.append(entry)
+    return copy, skipped
+
+
+def plan_merge(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None,
+    base_dir: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+) -> MergePlan:
+    """Check everything a merge needs and decide what it will do; reads headers only (plus embedding copies).
+
+    Raises the same errors :func:`merge` raises before writing: a missing or corrupt shard, a base
+    that does not fit (fingerprint, missing target, shape, quantized weight), unsupported adapters.
+    """
+    base = Path(base_dir)
+    values = check_weights(adapters, weights, "merge")
+    code = parse_dtype(dtype)
+    headers = read_base_headers(base)
+    fp = fingerprint(base)
+    _check_adapters(adapters, fp.structure_digest, base, force)
+    try:
+        config = read_base_config(base)
+    except BaseModelError:
+        if code is not None:
+            raise  # its dtype must be rewritten
+        config = None  # copied as it is; only the tie default is lost
+    tied = tied_embedding(fp.tensors, config)
+    targets, warnings = _build_targets(adapters, values, fp.tensors, tied, base)
+    owner = {name: (path, header) for path, header in headers.items() for name in header.tensors}
+
+    def read(name: str) -> torch.Tensor:
+        path, header = owner[name]
+        with path.open("rb") as fh:
+            return _read_tensor(fh.fileno(), header, header.tensors[name], path)
+
+    _check_extra_tensors(adapters, fp.tensors, tied, read)
+    index = None
+    if (base / INDEX_NAME).is_file():  # read_base_headers took the shards from it, so it is valid JSON
+        index = json.loads((base / INDEX_NAME).read_text(encoding="utf-8"))
+    copy, skipped = _other_files(base, list(headers))
+    return MergePlan(
+        base_dir=base,
+        weights=values,
+        shards=headers,
+        targets=targets,
+        dtype=code,
+        base_structure_digest=fp.structure_digest,
+        index=index,
+        copy_files=copy,
+        skipped_files=skipped,
+        warnings=warnings,
+    )
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    import torch
+
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[code]
+
+
+def _read_tensor(fd: int, header: Header, info: TensorInfo, path: Path) -> torch.Tensor:
+    """One whole tensor of a shard (positional read; used only to compare an adapter's embedding copy)."""
+    import torch
+
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        pread_exact(fd, memoryview(buffer.numpy()), header.data_start + info.begin, f"{path}: tensor {info.name!r}")
+    return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
