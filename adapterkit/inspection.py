@@ -444,7 +444,8 @@ def plan_compose(
       whose thresholds take a pass of their own) + 10Nmn (trimming, dropping, sign election,
       disjoint mean) + 2(m + n)R² + 24R³ (the exact sum's directions, which start the sketch) +
       the truncation: an exact SVD, 4 max(m, n) L² + 22 L³ with L = min(m, n), with ``energy`` or
-      when the sketch would span half of L, else a sketch of q = k + 16 columns, 4mnq + 4(m + n)q²;
+      when the sketch would span half of L, else a sketch of q = k + 16 columns refined by subspace
+      iterations until they stop paying (counted as the usual two), 12mnq + 12(m + n)q²;
       working set (mn + (m + n)L or (m + n)q + (N + 4) b) e, b being the entries in one block of
       rows (128K on CPU).
 
@@ -515,7 +516,7 @@ def plan_compose(
             if q is None:
                 truncation, workspace = 4 * max(m, n) * L**2 + 22 * L**3, m * n + (m + n) * L
             else:
-                truncation, workspace = 4 * m * n * q + 4 * (m + n) * q**2, (m + n) * q
+                truncation, workspace = 12 * m * n * q + 12 * (m + n) * q**2, (m + n) * q
             passes = 2 if chosen.name in _THRESHOLDED else 1  # trimming selects each parent's threshold first
             entry.update(
                 rank=k,

@@ -108,13 +108,23 @@ def test_dare_equals_the_whole_matrix_reference(strategy: object) -> None:
     assert rel(dense(result), expected) <= 1e-10
 
 
+@pytest.mark.parametrize("rank", [12, 40])  # below and above the parents' total rank (24)
 @pytest.mark.parametrize("strategy", [ties, dare_ties, magnitude_prune])
-def test_sketched_truncation_is_near_optimal_and_reports_its_error(strategy: object) -> None:
+def test_sketched_truncation_is_near_optimal_and_reports_its_error(strategy: object, rank: int) -> None:
     m = module(torch.float32)
-    full = strategy(m, density=0.5, rank=OUT)  # type: ignore[operator]
-    merged = dense(full).double()
+    check_near_optimal(m, strategy, rank)
+
+
+def test_a_blend_whose_exact_sum_cancels_is_still_truncated_near_optimally() -> None:
+    """Two parents with opposite changes: the start (their exact sum's directions) carries nothing."""
+    A, B = module(torch.float32).factors[0]
+    m = ModuleInput(name="m", factors=[(A, B), (A, -B)], weights=[1.0, 1.0], ranks=[R, R])
+    check_near_optimal(m, ties, 32)
+
+
+def check_near_optimal(m: ModuleInput, strategy: object, rank: int) -> None:
+    merged = dense(strategy(m, density=0.5, rank=OUT)).double()  # type: ignore[operator]
     spectrum = torch.linalg.svdvals(merged)
-    rank = 12
     optimal = float(spectrum[rank:].square().sum().sqrt() / spectrum.square().sum().sqrt())
     result = strategy(m, density=0.5, rank=rank)  # type: ignore[operator]
     measured = rel(dense(result), merged)

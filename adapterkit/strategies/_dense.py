@@ -88,11 +88,12 @@ def blend_dense(
 
 
 def magnitude_thresholds(factors: Factors, density: float) -> list[float]:
-    """For each parent, the smallest |entry| of ``B @ A`` among its ``round(density * n)`` largest.
+    """For each parent, the smallest |entry| of ``B @ A`` among its ``round(density * n)`` largest (at least one).
 
-    Entries ``>= threshold`` are kept (ties at the threshold included), as PEFT's magnitude
-    pruning does. Exact: equal to ``kthvalue`` over every entry, computed from the same row blocks
-    the strategies then prune.
+    Entries ``>= threshold`` are kept, so entries tied at the threshold are all kept, where PEFT's
+    ``topk`` keeps exactly ``int(density * n)`` and breaks ties arbitrarily: the result does not
+    depend on the order ties happen to come in. Exact: equal to ``kthvalue`` over every entry,
+    computed from the same row blocks the strategies then prune.
     """
     thresholds = []
     for A, B in factors:

@@ -22,9 +22,11 @@ __all__ = [
 
 #: Extra directions carried through a subspace iteration beyond the rank asked for.
 _OVERSAMPLE = 16
-#: Subspace iterations (each a pass with D and one with Dᵀ) after a warm start and after a random one.
-_WARM_START_ITERATIONS = 0
-_RANDOM_START_ITERATIONS = 4
+#: Subspace iterations (each a pass with Dᵀ and one with D) a sketched truncation makes at least and
+#: at most; it stops once an iteration lowers the lost energy by less than _CONVERGED of itself.
+_MIN_ITERATIONS = 1
+_MAX_ITERATIONS = 8
+_CONVERGED = 1e-3
 #: Below this fraction of ||D||^2 the lost energy is measured from D - BA, not by subtraction.
 _CANCELLATION = 1e-4
 
@@ -102,8 +104,10 @@ def majority_sign(deltas: list[torch.Tensor], method: str) -> torch.Tensor:
 
     Ties go to +1. Accumulated in place, without stacking the deltas into one more N x out x in
     tensor, and with float operations only (bool-producing comparisons are several times slower
-    on CPU). ``method`` has been checked against the strategies' parameter declaration.
+    on CPU).
     """
+    if method not in ("total", "frequency"):  # the strategies' parameter check says the same first
+        raise ValueError(f"parameter 'majority_sign_method' must be one of 'total', 'frequency', got {method!r}")
     if method == "frequency":
         votes = deltas[0].sign()
         for delta in deltas[1:]:
@@ -168,6 +172,15 @@ def sketch_width(shape: tuple[int, int], k: int | None, energy: float | None, de
     return None if energy is not None or 2 * q >= min(shape) else q
 
 
+def _project(
+    delta: torch.Tensor, row_sketch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``D P`` for P the projector onto ``row_sketch``'s span, as (basis, U, S, Vh) with ``D basis = U S Vh``."""
+    basis = torch.linalg.qr(row_sketch).Q
+    U, S, small_Vh = torch.linalg.svd(delta @ basis, full_matrices=False)
+    return basis, U, S, small_Vh
+
+
 def truncate_dense(
     delta: torch.Tensor,
     k: int | None,
@@ -180,11 +193,12 @@ def truncate_dense(
     """The rank-k truncation of a dense delta D: exact SVD when small, a sketched SVD when large.
 
     ``row_sketch`` is ``Dᵀ W`` for a start W from :func:`dense_start`, accumulated by the caller
-    while it built D (so it costs no pass over D); without it a seeded random start is used and
-    refined by subspace iteration. The result is ``D P`` for an orthogonal projector P onto the
-    sketch's span, so the error follows from the kept singular values and ``||D||²``
-    (``square_norm`` if the caller accumulated it), unless it is so small that the subtraction
-    would cancel and ``D - BA`` is formed after all.
+    while it built D (so it costs no pass over D); without it a seeded random start is used. The
+    sketch is refined by subspace iteration until an iteration stops paying (at least one, since
+    a start from the parents' exact sum misses what pruning moved out of its span). Each result is
+    ``D P`` for an orthogonal projector P, so the error follows from the kept singular values and
+    ``||D||²`` (``square_norm`` if the caller accumulated it), unless it is so small that the
+    subtraction would cancel and ``D - BA`` is formed after all.
     """
     out_dim, in_dim = delta.shape
     q = sketch_width((out_dim, in_dim), k, energy, default)
@@ -198,19 +212,24 @@ def truncate_dense(
     if row_sketch is None:
         generator = torch.Generator(device="cpu").manual_seed(0)
         start = torch.randn(out_dim, q, generator=generator, dtype=delta.dtype).to(delta.device)
-        row_sketch, iterations = delta.T @ start, _RANDOM_START_ITERATIONS
-    else:
-        iterations = _WARM_START_ITERATIONS
-    for _ in range(iterations):
-        row_sketch = delta.T @ torch.linalg.qr(delta @ torch.linalg.qr(row_sketch).Q).Q
-    basis = torch.linalg.qr(row_sketch).Q
-    U, S, small_Vh = torch.linalg.svd(delta @ basis, full_matrices=False)
+        row_sketch = delta.T @ start
+    total = square_norm if square_norm is not None else float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    basis, U, S, small_Vh = _project(delta, row_sketch)
+    lost = total - float(S[:rank].double().square().sum())
+    for iteration in range(_MAX_ITERATIONS):
+        # one subspace iteration: the row space D's leading left directions map to, then D on it again
+        candidate = _project(delta, delta.T @ U)
+        candidate_lost = total - float(candidate[2][:rank].double().square().sum())
+        improved = lost - candidate_lost
+        if improved > 0:
+            basis, U, S, small_Vh = candidate
+            lost = candidate_lost
+        if iteration + 1 >= _MIN_ITERATIONS and improved <= _CONVERGED * max(lost, 0.0):
+            break
     U, Vh = _fix_signs(U, small_Vh @ basis.T)
     A, B = _split(U, S, Vh, rank)
-    total = square_norm if square_norm is not None else float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     if total <= 0:
         return ModuleResult(A=A, B=B, truncation_error=0.0)
-    lost = total - float(S[:rank].double().square().sum())
     if lost > _CANCELLATION * total:
         return ModuleResult(A=A, B=B, truncation_error=math.sqrt(lost / total))
     residual = B @ A
