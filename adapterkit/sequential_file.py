@@ -10,6 +10,7 @@ few tens of MB so that the final ``fsync`` finds little to do.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -105,35 +106,35 @@ class SequentialFile:
     """``path``, created (it must not exist) and written front to back by one thread at a time.
 
     ``direct=False`` (or a file system without ``O_DIRECT``) writes through the page cache. Call
-    :meth:`finish` after the last byte, then :meth:`sync_and_close`; :meth:`close` abandons it.
+    :meth:`finish` after the last byte, then :meth:`sync_and_close`; :meth:`close` abandons it and
+    may be called any number of times, from any state.
 
     With ``O_DIRECT`` there are two staging buffers: while the disk takes one (on a thread of
-    this file's own, which waits for the device with the GIL released), the caller fills the other.
+    this file's own, which waits for the device with the GIL released, writing at known offsets),
+    the caller fills the other. The first write goes synchronously: a file system that refuses
+    ``O_DIRECT`` writes says so there, and the file carries on through the page cache.
     """
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        o_direct = getattr(os, "O_DIRECT", 0) if direct else 0
         self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.direct = False
-        if o_direct:
-            try:
-                self.fd = os.open(path, flags | o_direct, 0o644)
-                self.direct = True
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: this file system does not do O_DIRECT
-                    raise
-        if not self.direct:
-            self.fd = os.open(path, flags, 0o644)
         self.size = 0  # bytes accepted so far
         self._hinted = 0  # buffered: bytes handed to write-back
-        self._staging = [mmap.mmap(-1, _STAGING) for _ in range(2)] if self.direct else []  # page-aligned
-        self._views = [memoryview(buffer) for buffer in self._staging]
+        self._staging: list[mmap.mmap] = []
         self._writes: list[Future[None] | None] = [None, None]
         self._current = 0
-        self._pending = 0  # bytes in the current staging buffer, not yet handed to the disk
+        self._pending = 0  # bytes in the current staging buffer
+        self._on_disk = 0  # bytes handed to the disk before the current staging buffer
         self._disk: ThreadPoolExecutor | None = None
         self._probed = False  # whether one O_DIRECT write went through
+        try:
+            if direct and _enable_direct_io(self.fd):
+                self._staging = [mmap.mmap(-1, _STAGING) for _ in range(2)]  # page-aligned
+                self.direct = True
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, data: memoryview | bytes) -> None:
         data = memoryview(data).cast("B")
@@ -143,9 +144,8 @@ class SequentialFile:
                 write_all(self.fd, data)
                 self._hint()
                 return
-            view = self._views[self._current]
             n = min(len(data), _STAGING - self._pending)
-            view[self._pending : self._pending + n] = data[:n]
+            self._staging[self._current][self._pending : self._pending + n] = data[:n]
             self._pending += n
             data = data[n:]
             if self._pending == _STAGING:
@@ -159,9 +159,9 @@ class SequentialFile:
                 copy_range(src, self.fd, offset, length, what)
                 self._hint()
                 return
-            view = self._views[self._current]
             n = min(length, _STAGING - self._pending)
-            pread_exact(src, view[self._pending : self._pending + n], offset, what)
+            with memoryview(self._staging[self._current]) as view:
+                pread_exact(src, view[self._pending : self._pending + n], offset, what)
             self._pending += n
             offset += n
             length -= n
@@ -169,16 +169,17 @@ class SequentialFile:
                 self._flush()
 
     def finish(self) -> None:
-        """Write what is staged: the last block padded to the alignment, then the file cut to its size."""
+        """Write what is staged (the last block padded to the alignment), then cut the file to its size."""
         if not self.direct:
             return
         padded = -(-self._pending // _ALIGN) * _ALIGN
-        self._views[self._current][self._pending : padded] = bytes(padded - self._pending)
+        self._staging[self._current][self._pending : padded] = bytes(padded - self._pending)
         self._pending = padded
         self._flush()
         for i in range(2):
             self._wait(i)
         os.ftruncate(self.fd, self.size)
+        self._release()
 
     def sync_and_close(self) -> None:
         try:
@@ -190,8 +191,17 @@ class SequentialFile:
         if self._disk is not None:
             self._disk.shutdown(wait=True)  # a write in flight finishes (or fails) before its buffer goes
             self._disk = None
-        os.close(self.fd)
-        self._close_staging()
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+        self._release()
+
+    def _release(self) -> None:
+        """Unmap the staging buffers; one still pinned (by an exception's traceback) goes with its last user."""
+        for buffer in self._staging:
+            with contextlib.suppress(BufferError):
+                buffer.close()
+        self._staging = []
 
     def _wait(self, index: int) -> None:
         write, self._writes[index] = self._writes[index], None
@@ -199,46 +209,67 @@ class SequentialFile:
             write.result()
 
     def _flush(self) -> None:
-        """Hand the staged whole blocks to the disk; the unaligned rest starts the other buffer."""
-        view = self._views[self._current]
-        aligned = self._pending // _ALIGN * _ALIGN
-        other = 1 - self._current
-        self._wait(other)
-        rest = self._pending - aligned
-        self._views[other][:rest] = view[aligned : self._pending]
+        """Hand the current buffer (whole aligned blocks) to the disk and switch to the other one."""
+        staging, length, offset = self._staging[self._current], self._pending, self._on_disk
         if not self._probed:
-            # the first write goes synchronously: a file system that takes O_DIRECT at open but
-            # refuses the write says so here, and the file carries on through the page cache
-            refused = False
-            try:
-                write_all(self.fd, view[:aligned])
-                self._probed = True
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                refused = True  # handled below, once the exception (and the buffer it pins) is gone
-            if refused:
+            written = _probe_write(self.fd, staging, length)
+            if written is not None:  # refused: the rest of this buffer, and everything after, buffered
                 fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                write_all(self.fd, view[: self._pending])
+                with memoryview(staging) as view:
+                    write_all(self.fd, view[written:length])
                 self.direct = False
-                del view
-                self._close_staging()
+                self._release()
                 return
+            self._probed = True
         else:
             if self._disk is None:
                 self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterkit-disk")
-            self._writes[self._current] = self._disk.submit(write_all, self.fd, view[:aligned])
-        self._current, self._pending = other, rest
-
-    def _close_staging(self) -> None:
-        for view in self._views:
-            view.release()
-        self._views = []
-        for buffer in self._staging:
-            buffer.close()
-        self._staging = []
+            self._writes[self._current] = self._disk.submit(_pwrite_all, self.fd, staging, length, offset)
+        self._on_disk += length
+        self._current = 1 - self._current
+        self._pending = 0
+        self._wait(self._current)  # the buffer about to be filled must be on disk first
 
     def _hint(self) -> None:
         if _WRITEBACK is not None and self.size - self._hinted >= _WRITEBACK_EVERY:
             _WRITEBACK(self.fd, self._hinted, self.size - self._hinted)
             self._hinted = self.size
+
+
+def _enable_direct_io(fd: int) -> bool:
+    """Switch ``fd`` to O_DIRECT where the platform and the file system allow it."""
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if not o_direct:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | o_direct)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # this file system does not do O_DIRECT
+            return False
+        raise
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & o_direct)
+
+
+def _probe_write(fd: int, staging: mmap.mmap, length: int) -> int | None:
+    """Write ``staging[:length]`` at the file's position; None when done, else how much went before EINVAL."""
+    done = 0
+    with memoryview(staging) as view:
+        while done < length:
+            try:
+                done += os.write(fd, view[done:length])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                return done
+    return None
+
+
+def _pwrite_all(fd: int, staging: mmap.mmap, length: int, offset: int) -> None:
+    """Write ``staging[:length]`` at ``offset`` (no memoryview of the buffer outlives the call, even on failure)."""
+    done = 0
+    with memoryview(staging) as view:
+        while done < length:
+            try:
+                done += os.pwrite(fd, view[done:length], offset + done)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror) from None  # drop the traceback that pins the buffer

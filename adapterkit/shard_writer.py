@@ -11,6 +11,7 @@ to disk while the next one is computed. Memory stays at the adapters plus a few 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -197,7 +198,8 @@ class _Writer:
             except BaseException as exc:
                 self._error = self._error or exc
                 if kind == "finish":
-                    op[1].close()
+                    with contextlib.suppress(OSError):
+                        op[1].close()
             finally:
                 if kind == "write":
                     self._free.put(buffer)
@@ -378,18 +380,20 @@ def write_shards(plan: MergePlan, tmp: Path, device: torch.device, progress: Mer
     import torch
 
     threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
     count = _workers(device)
     workers = ThreadPoolExecutor(max_workers=count, thread_name_prefix="adapterkit-merge")
-    writer = _Writer(depth=_WRITE_DEPTH + count)
+    writer: _Writer | None = None
     try:
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        writer = _Writer(depth=_WRITE_DEPTH + count)
         streams = _Streams(plan, device, workers, writer, _Progress(progress, plan.total_bytes))
         written = 0
         for src, header in plan.shards.items():
             written += _write_shard(src, header, tmp / src.name, streams)
     except BaseException:
-        writer.close(abort=True)
+        if writer is not None:
+            writer.close(abort=True)
         raise
     else:
         writer.close()

@@ -572,3 +572,45 @@ def test_direct_and_buffered_writing_give_the_same_files(llama: Case, tmp_path: 
         merge([read_adapter(llama.loras["attn"]), read_adapter(llama.loras["mixed"])], [0.7, -0.3], llama.base, out)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("failing", ["pwrite", "write", "preadv"])
+def test_an_io_error_anywhere_in_the_pipeline_fails_cleanly(
+    llama: Case, tmp_path: Path, monkeypatch: Any, failing: str
+) -> None:
+    """Disk full on the background writes or the first write, or a read error: a MergeError, no hang, no leak."""
+    import threading
+
+    import adapterkit.sequential_file as sequential_file
+    import adapterkit.shard_writer as shard_writer
+
+    monkeypatch.setattr(shard_writer, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(sequential_file, "_STAGING", 2 * 4096)  # many disk writes per shard
+    real, calls = getattr(os, failing), []
+
+    def flaky(*args: Any) -> Any:
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise OSError(28 if failing != "preadv" else 5, "No space left" if failing != "preadv" else "I/O error")
+        return real(*args)
+
+    adapter = read_adapter(llama.loras["mixed"])
+    before, fds = listing(tmp_path), set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, failing, flaky)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            merge([adapter], None, llama.base, tmp_path / "out")
+            outcome.append(None)
+        except BaseException as exc:  # reported below, in the test's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    monkeypatch.undo()
+    assert not worker.is_alive(), "merge hung"
+    assert isinstance(outcome[0], MergeError), outcome
+    assert listing(tmp_path) == before
+    assert set(os.listdir("/proc/self/fd")) <= fds

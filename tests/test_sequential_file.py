@@ -6,6 +6,7 @@ import errno
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,29 +69,72 @@ def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path: Path) -> Non
     out.close()
 
 
+@pytest.mark.parametrize("size", [50_000, 5_000])  # refused in the middle of the file, or in finish()
 def test_a_file_system_that_refuses_the_first_direct_write_gets_a_buffered_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    out = SequentialFile(tmp_path / "out")
+    if not out.direct:
+        out.close()
+        pytest.skip("this file system does not take O_DIRECT at all")
+    real, calls = os.write, []
+
+    def refuse_after_a_part(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real(fd, memoryview(data)[:4096])  # a partial write first...
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")  # ...then the refusal
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse_after_a_part)
+    data = random.Random(5).randbytes(size)
+    out.write(data[: size // 2])
+    out.write(data[size // 2 :])
+    out.finish()
+    out.sync_and_close()
+    assert not out.direct
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_file_system_without_direct_io_gets_a_buffered_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    real = fcntl.fcntl
+
+    def no_direct(fd: int, command: int, arg: int = 0) -> int:
+        if command == fcntl.F_SETFL and arg & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, command, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", no_direct)
+    out = SequentialFile(tmp_path / "out")
+    assert not out.direct
+    out.write(b"abc")
+    out.finish()
+    out.sync_and_close()
+    assert (tmp_path / "out").read_bytes() == b"abc"
+
+
+def test_a_failing_disk_write_is_raised_and_close_still_releases_everything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = SequentialFile(tmp_path / "out")
     if not out.direct:
         out.close()
         pytest.skip("this file system does not take O_DIRECT at all")
-    real, calls = sequential_file.write_all, []
 
-    def refuse_once(fd: int, data: memoryview | bytes) -> None:
-        calls.append(len(data))
-        if len(calls) == 1:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        real(fd, data)
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sequential_file, "write_all", refuse_once)
-    data = random.Random(5).randbytes(50_000)
-    out.write(data[:30_000])
-    out.write(data[30_000:])
-    out.finish()
-    out.sync_and_close()
-    assert not out.direct
-    assert (tmp_path / "out").read_bytes() == data
+    monkeypatch.setattr(os, "pwrite", full)  # the background writes, after the first synchronous one
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(20):
+            out.write(b"x" * 5000)
+        out.finish()
+    out.close()
+    out.close()  # idempotent
+    assert out.fd == -1
 
 
 def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
