@@ -40,7 +40,16 @@ if TYPE_CHECKING:
 
     from adapterkit.lora import Adapter, LoraModule
 
-__all__ = ["CONFIG_NAME", "FLOAT_DTYPES", "Contribution", "MergePlan", "parse_dtype", "plan_merge", "torch_dtype"]
+__all__ = [
+    "CONFIG_DTYPE_NAMES",
+    "CONFIG_NAME",
+    "FLOAT_DTYPES",
+    "Contribution",
+    "MergePlan",
+    "parse_dtype",
+    "plan_merge",
+    "torch_dtype",
+]
 
 CONFIG_NAME = "config.json"
 #: Floating dtypes a LoRA delta can be added to (and ``dtype=`` may convert between).
@@ -62,7 +71,7 @@ _DTYPE_ALIASES = {
     "double": "F64",
 }
 #: The names transformers writes into config.json's ``torch_dtype`` / ``dtype``.
-_CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: Files in a model folder that hold weights in some other format: copying them would ship unmerged weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 #: tensor name -> (dtype, shape), as :func:`~adapterkit.fingerprint.fingerprint` lists a base's tensors.

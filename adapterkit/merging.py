@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import InvalidInputError, MergeError
 from adapterkit.fingerprint import INDEX_NAME, fingerprint, read_base_config
-from adapterkit.merge_plan import _CONFIG_DTYPE_NAMES, CONFIG_NAME, Contribution, MergePlan, parse_dtype, plan_merge
+from adapterkit.merge_plan import CONFIG_DTYPE_NAMES, CONFIG_NAME, Contribution, MergePlan, parse_dtype, plan_merge
 from adapterkit.shard_writer import LowRankUpdate, MergeProgress, apply_updates, low_rank_updates, write_shards
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def _copy_files(plan: MergePlan, tmp: Path) -> list[str]:
         target = tmp / path.name
         if path.name == CONFIG_NAME and plan.dtype is not None:
             config = read_base_config(plan.base_dir) or {}
-            name = _CONFIG_DTYPE_NAMES[plan.dtype]
+            name = CONFIG_DTYPE_NAMES[plan.dtype]
             keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
             for key in keys:
                 config[key] = name
@@ -188,8 +188,9 @@ def merge(
     every floating tensor of the output (and config.json's dtype); ``device`` runs the additions
     there (CPU by default). Everything is checked before anything is written; the output appears
     at ``out_dir`` only once complete. ``force`` merges adapters whose recorded base fingerprint
-    differs from this base's. ``progress(bytes_done, bytes_total, tensor_name)`` is called as each
-    tensor is done (counting output tensor bytes).
+    differs from this base's. ``progress(bytes_done, bytes_total, tensor_name)`` is called, in the
+    caller's thread, as each tensor is handed to the writer (counting output tensor bytes; the
+    writer is at most a few blocks behind).
 
     While it runs, torch's CPU thread count is set to 1 (and restored): the maths goes in small
     blocks, which a thread pool slows down, and a writer thread uses the second core.

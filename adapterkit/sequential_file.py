@@ -22,7 +22,7 @@ from pathlib import Path
 
 from adapterkit.errors import MergeError
 
-__all__ = ["SequentialFile", "copy_range", "write_all"]
+__all__ = ["SequentialFile", "copy_range", "pread_exact", "write_all"]
 
 #: Offsets, lengths and addresses of ``O_DIRECT`` writes are multiples of this (the largest common
 #: logical block size).
@@ -116,7 +116,6 @@ class SequentialFile:
     """
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
-        self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.direct = False
         self.size = 0  # bytes accepted so far

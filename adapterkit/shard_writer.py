@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LowRankUpdate", "MergeProgress", "apply_updates", "low_rank_updates", "write_shards"]
 
-#: ``progress(bytes_done, bytes_total, tensor_name)``, called as each tensor is done (output bytes counted).
+#: ``progress(bytes_done, bytes_total, tensor_name)``, called as each tensor is handed to the writer (output bytes).
 MergeProgress = Callable[[int, int, str], None]
 
 # --- tensor maths (no files) -------------------------------------------------------------------------------------

@@ -149,3 +149,9 @@ def test_dare_masks_are_fair_and_independent_of_how_the_matrix_is_cut() -> None:
     assert abs(agreement - 0.5) <= 5 * (0.25 / first.numel()) ** 0.5  # independent keys, independent masks
     neighbours = float((first[:, 1:] == first[:, :-1]).float().mean())
     assert abs(neighbours - 0.5) <= 5 * (0.25 / first.numel()) ** 0.5
+
+
+def test_called_directly_a_strategy_still_refuses_an_unknown_sign_method() -> None:
+    """compose checks parameters first; a caller of the pure function gets the same refusal."""
+    with pytest.raises(ValueError, match="'majority_sign_method' must be one of 'total', 'frequency', got 'mean'"):
+        ties(module(), majority_sign_method="mean")

@@ -130,14 +130,20 @@ def _load(data: bytes, source: str) -> Any:
         raise IntegrityError(f"{source}: not valid JSON (nested too deeply)") from None
 
 
-def parse_manifest(data: bytes, source: str, *, known_valid: bool = False) -> tuple[Layer, list[Layer]]:
-    """(config blob, file layers) of a stored manifest, after schema validation (skipped when ``known_valid``)."""
-    manifest = _load(data, source)
+def _load_valid(data: bytes, source: str, schema: str, known_valid: bool) -> Any:
+    """A stored document, after validation against ``schema`` (skipped when ``known_valid``)."""
+    document = _load(data, source)
     if not known_valid:
         try:
-            validate(manifest, MANIFEST_SCHEMA, source)
+            validate(document, schema, source)
         except SchemaValidationError as exc:
             raise IntegrityError(str(exc)) from None
+    return document
+
+
+def parse_manifest(data: bytes, source: str, *, known_valid: bool = False) -> tuple[Layer, list[Layer]]:
+    """(config blob, file layers) of a stored manifest, after schema validation (skipped when ``known_valid``)."""
+    manifest = _load_valid(data, source, MANIFEST_SCHEMA, known_valid)
     config = Layer("", manifest["config"]["digest"], manifest["config"]["size"])
     layers = [Layer(d["annotations"][TITLE], d["digest"], d["size"]) for d in manifest["layers"]]
     titles = [layer.title for layer in layers]
@@ -148,10 +154,4 @@ def parse_manifest(data: bytes, source: str, *, known_valid: bool = False) -> tu
 
 def parse_metadata(data: bytes, source: str, *, known_valid: bool = False) -> dict[str, Any]:
     """A stored metadata document, after schema validation (skipped when ``known_valid``)."""
-    metadata = _load(data, source)
-    if not known_valid:
-        try:
-            validate(metadata, ADAPTER_SCHEMA, source)
-        except SchemaValidationError as exc:
-            raise IntegrityError(str(exc)) from None
-    return metadata
+    return _load_valid(data, source, ADAPTER_SCHEMA, known_valid)

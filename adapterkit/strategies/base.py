@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ModuleInput", "ModuleResult", "Param", "Strategy", "fraction", "one_of", "positive"]
+__all__ = ["ENERGY", "RANK", "ModuleInput", "ModuleResult", "Param", "Strategy", "fraction", "one_of", "positive"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,11 @@ def fraction(value: float) -> str | None:
 
 def positive(value: int) -> str | None:
     return None if value >= 1 else f"must be at least 1, got {value}"
+
+
+#: The parameters every truncating strategy takes.
+RANK = Param(int, None, "output rank (default: the parents' largest rank per module)", positive)
+ENERGY = Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction)
 
 
 def one_of(*choices: str) -> Callable[[Any], str | None]:

@@ -14,7 +14,7 @@ import torch
 
 from adapterkit.strategies._dense import DareMask, blend_dense
 from adapterkit.strategies._lowrank import derive_seed, disjoint_merge, majority_sign
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, positive
+from adapterkit.strategies.base import ENERGY, RANK, ModuleInput, ModuleResult, Param, Strategy, fraction
 from adapterkit.strategies.ties import MAJORITY_SIGN_METHOD
 
 __all__ = ["DARE_LINEAR", "DARE_TIES", "dare_linear", "dare_ties"]
@@ -81,8 +81,8 @@ def dare_ties(
 _COMMON = {
     "density": Param(float, 0.5, "probability of keeping each entry", fraction),
     "seed": Param(int, 0, "seed of the random masks (per module and parent)"),
-    "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
-    "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
+    "rank": RANK,
+    "energy": ENERGY,
 }
 DARE_LINEAR = Strategy(
     name="dare_linear",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from adapterkit.strategies._dense import blend_dense, magnitude_thresholds, trim
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, positive
+from adapterkit.strategies.base import ENERGY, RANK, ModuleInput, ModuleResult, Param, Strategy, fraction
 
 __all__ = ["STRATEGY", "magnitude_prune"]
 
@@ -36,7 +36,7 @@ STRATEGY = Strategy(
     description="Keep the largest-magnitude fraction of each delta, weighted sum, truncate to rank k.",
     params={
         "density": Param(float, 0.5, "fraction of each delta's entries kept", fraction),
-        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
-        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
+        "rank": RANK,
+        "energy": ENERGY,
     },
 )

@@ -10,7 +10,7 @@ its parents' largest rank.
 from __future__ import annotations
 
 from adapterkit.strategies._lowrank import factor_svd
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, positive
+from adapterkit.strategies.base import ENERGY, RANK, ModuleInput, ModuleResult, Strategy
 
 __all__ = ["STRATEGY", "svd"]
 
@@ -24,8 +24,8 @@ STRATEGY = Strategy(
     function=svd,
     description="Exact sum, then the optimal rank-k truncation (QR of the factors + SVD of the small core).",
     params={
-        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
-        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
+        "rank": RANK,
+        "energy": ENERGY,
     },
     exact=True,
 )

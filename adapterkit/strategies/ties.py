@@ -12,7 +12,7 @@ import torch
 
 from adapterkit.strategies._dense import blend_dense, magnitude_thresholds, trim
 from adapterkit.strategies._lowrank import disjoint_merge, majority_sign
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Param, Strategy, fraction, one_of, positive
+from adapterkit.strategies.base import ENERGY, RANK, ModuleInput, ModuleResult, Param, Strategy, fraction, one_of
 
 __all__ = ["MAJORITY_SIGN_METHOD", "STRATEGY", "ties"]
 
@@ -45,7 +45,7 @@ STRATEGY = Strategy(
     params={
         "density": Param(float, 0.5, "fraction of each delta's entries kept", fraction),
         "majority_sign_method": MAJORITY_SIGN_METHOD,
-        "rank": Param(int, None, "output rank (default: the parents' largest rank per module)", positive),
-        "energy": Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction),
+        "rank": RANK,
+        "energy": ENERGY,
     },
 )
