@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from adapterkit.base_model import BaseFingerprint, fingerprint
 from adapterkit.errors import (
     AdapterFormatError,
     AdapterkitError,
@@ -31,15 +32,14 @@ from adapterkit.errors import (
     UnknownStrategyError,
     UnsupportedAdapterError,
 )
-from adapterkit.fingerprint import BaseFingerprint, fingerprint
 from adapterkit.store import AddResult, GcReport, Store, VerifyReport
 
 if TYPE_CHECKING:
-    from adapterkit.composition import compose
-    from adapterkit.lora import Adapter, LoraModule
-    from adapterkit.merging import merge
-    from adapterkit.peft_io import read_adapter, write_adapter
-    from adapterkit.stacking import attach
+    from adapterkit.adapter.model import Adapter, LoraModule
+    from adapterkit.composition.engine import compose
+    from adapterkit.formats.peft import read_adapter, write_adapter
+    from adapterkit.merging.stacking import attach
+    from adapterkit.merging.streamed import merge
 
 __all__ = [
     "AdapterFormatError",
@@ -77,13 +77,13 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Adapter": "adapterkit.lora",
-    "LoraModule": "adapterkit.lora",
-    "attach": "adapterkit.stacking",
-    "compose": "adapterkit.composition",
-    "merge": "adapterkit.merging",
-    "read_adapter": "adapterkit.peft_io",
-    "write_adapter": "adapterkit.peft_io",
+    "Adapter": "adapterkit.adapter.model",
+    "LoraModule": "adapterkit.adapter.model",
+    "attach": "adapterkit.merging.stacking",
+    "compose": "adapterkit.composition.engine",
+    "merge": "adapterkit.merging.streamed",
+    "read_adapter": "adapterkit.formats.peft",
+    "write_adapter": "adapterkit.formats.peft",
 }
 
 

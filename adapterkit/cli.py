@@ -374,7 +374,7 @@ def gc(ctx: click.Context, dry_run: bool, grace: str) -> None:
 @click.pass_context
 def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
     """Print the fingerprint of the base model in BASE_DIR."""
-    from adapterkit.fingerprint import fingerprint as fingerprint_base
+    from adapterkit.base_model import fingerprint as fingerprint_base
 
     fp = fingerprint_base(base_dir, content=content)
     document = {"structure_digest": fp.structure_digest, "tensors": len(fp.tensors)}
@@ -473,7 +473,7 @@ def compose(
     store = _store(ctx)
     parents = [store.get(ref) for ref in refs]
     if dry_run:
-        from adapterkit.inspection import plan_compose
+        from adapterkit.analysis.spectra import plan_compose
 
         plan = plan_compose(parents, parsed_weights, strategy, device=device, force=force, **params)
         _emit(ctx, plan, lambda: _plan_text(plan))
@@ -526,13 +526,13 @@ def merge(
     dry_run: bool,
 ) -> None:
     """Bake the adapters REFS into the base model, streamed tensor by tensor, writing OUT_DIR."""
-    from adapterkit.merging import merge as merge_into_base
+    from adapterkit.merging.streamed import merge as merge_into_base
 
     parsed_weights = _parse_weights(weights, len(refs))
     store = _store(ctx)
     adapters = [store.get(ref) for ref in refs]
     if dry_run:
-        from adapterkit.inspection import plan_merge_summary
+        from adapterkit.analysis.spectra import plan_merge_summary
 
         summary = plan_merge_summary(adapters, parsed_weights, base_dir, dtype=dtype, force=force, device=device)
         _emit(
@@ -582,7 +582,7 @@ def inspect(
     force: bool,
 ) -> None:
     """Spectra, effective ranks, pairwise interference and energy-vs-rank of adapters, before blending them."""
-    from adapterkit.inspection import inspect as inspect_adapters
+    from adapterkit.analysis.spectra import inspect as inspect_adapters
 
     store = _store(ctx)
     adapters = [store.get(ref) for ref in refs]
@@ -590,7 +590,7 @@ def inspect(
         adapters, _parse_weights(weights, len(refs)), rank_curve=rank_curve or bool(plot_path), force=force
     )
     if plot_path is not None:
-        from adapterkit.plotting import plot
+        from adapterkit.analysis.plotting import plot
 
         plot(report, plot_path)
     _emit(ctx, report, lambda: _inspect_text(report, refs, plot_path))

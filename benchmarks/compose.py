@@ -387,7 +387,7 @@ def run_peft(model: Any, names: list[str], pairing: Pairing, index: int) -> tupl
 
 
 def run_ours(adapters: Sequence[Any], pairing: Pairing, repeat: int) -> tuple[Side, Any]:
-    from adapterkit.composition import compose
+    from adapterkit.composition.engine import compose
 
     times: list[float] = []
     peaks: list[float] = []
@@ -404,8 +404,8 @@ def run_ours(adapters: Sequence[Any], pairing: Pairing, repeat: int) -> tuple[Si
 
 
 def run_case(case: Case, repeat: int, log: Callable[[str], None]) -> list[Row]:
-    from adapterkit.composition import compose
-    from adapterkit.peft_io import read_adapter
+    from adapterkit.composition.engine import compose
+    from adapterkit.formats.peft import read_adapter
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="adapterkit-bench-") as tmp:

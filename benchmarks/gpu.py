@@ -53,7 +53,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 def make_adapter(seed: int, layers: int) -> Any:
     """A PEFT-layout LoRA adapter with random factors (both A and B non-zero)."""
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
 
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
-    from adapterkit.composition import adapter_digest, compose
+    from adapterkit.composition.engine import adapter_digest, compose
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     print(f"torch {torch.__version__}; CPU threads {torch.get_num_threads()}; device {device} ({name})")

@@ -172,8 +172,8 @@ def child_build(work: str, size_gb: str) -> None:
 
 def child_adapterkit(adapter: str, base: str, out: str) -> None:
     sys.path.insert(0, str(HERE.parent))
-    from adapterkit.merging import merge
-    from adapterkit.peft_io import read_adapter
+    from adapterkit.formats.peft import read_adapter
+    from adapterkit.merging.streamed import merge
 
     start = time.perf_counter()
     merge([read_adapter(adapter)], None, base, out)

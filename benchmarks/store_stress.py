@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit.safetensors_io import serialize
+from adapterkit.formats.safetensors_io import serialize
 from adapterkit.store import Store
 
 CLI = [sys.executable, "-m", "adapterkit.cli"]

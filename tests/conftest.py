@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapterkit.safetensors_io import serialize
+from adapterkit.formats.safetensors_io import serialize
 from adapterkit.store import Store
 
 # tests/helpers.py is imported as a top-level module whatever pytest's import mode is.

@@ -10,9 +10,9 @@ import torch
 from helpers import MIXED_LORA_SPECS, logits, save_lora, tiny_llama
 
 from adapterkit import compose
+from adapterkit.adapter.model import Adapter
 from adapterkit.errors import CompositionError, IncompatibleAdaptersError, UnknownStrategyError, UnsupportedAdapterError
-from adapterkit.lora import Adapter
-from adapterkit.peft_io import read_adapter, write_adapter
+from adapterkit.formats.peft import read_adapter, write_adapter
 
 WEIGHTS = [0.7, -0.3, 0.45]
 

@@ -343,7 +343,7 @@ def _peft_adapter_files() -> dict[str, bytes]:
     """
     import numpy as np
 
-    from adapterkit.safetensors_io import serialize
+    from adapterkit.formats.safetensors_io import serialize
 
     tensors = {}
     for layer in range(2):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from helpers import assert_one_line, make_lora, save_base, tiny_gpt2, tiny_llama
 
+from adapterkit.base_model import INDEX_NAME, base_weight_key, fingerprint, read_base_config, read_base_headers
 from adapterkit.errors import BaseModelError
-from adapterkit.fingerprint import INDEX_NAME, base_weight_key, fingerprint, read_base_config, read_base_headers
-from adapterkit.peft_io import read_adapter
+from adapterkit.formats.peft import read_adapter
 
 
 @pytest.fixture(scope="module")

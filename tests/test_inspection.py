@@ -14,6 +14,9 @@ import torch
 from helpers import MIXED_LORA_SPECS, save_base, save_lora, tiny_conv_net, tiny_gpt2, tiny_llama
 
 from adapterkit import compose
+from adapterkit.adapter.model import Adapter
+from adapterkit.analysis.plotting import layer_and_type, plot
+from adapterkit.analysis.spectra import ENERGY_THRESHOLDS, inspect, plan_compose, plan_merge_summary
 from adapterkit.errors import (
     BaseModelError,
     CompositionError,
@@ -22,11 +25,8 @@ from adapterkit.errors import (
     UnknownStrategyError,
     UnsupportedAdapterError,
 )
-from adapterkit.inspection import ENERGY_THRESHOLDS, inspect, plan_compose, plan_merge_summary
-from adapterkit.lora import Adapter
-from adapterkit.merging import merge
-from adapterkit.peft_io import read_adapter
-from adapterkit.plotting import layer_and_type, plot
+from adapterkit.formats.peft import read_adapter
+from adapterkit.merging.streamed import merge
 
 WEIGHTS = [0.7, -0.3, 0.45]
 TOL = 1e-5

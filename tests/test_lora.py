@@ -23,9 +23,7 @@ from helpers import (
     tiny_llama,
 )
 
-from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
-from adapterkit.lora import Adapter
-from adapterkit.lora_config import (
+from adapterkit.adapter.config import (
     DELTA_CHANGING_FIELDS,
     ModuleSpec,
     carried_features,
@@ -36,7 +34,9 @@ from adapterkit.lora_config import (
     scaling_for,
     validate_lora_config,
 )
-from adapterkit.peft_io import read_adapter
+from adapterkit.adapter.model import Adapter
+from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
+from adapterkit.formats.peft import read_adapter
 
 DELTA_TOLERANCE = 1e-6
 #: Cases whose weight change is not scaling * B @ A: their deltas are refused (tested below), not compared.

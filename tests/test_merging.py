@@ -26,6 +26,8 @@ from helpers import (
     tiny_llama,
 )
 
+from adapterkit.adapter.model import Adapter
+from adapterkit.base_model import INDEX_NAME, fingerprint
 from adapterkit.errors import (
     AdapterkitError,
     BaseModelError,
@@ -34,11 +36,9 @@ from adapterkit.errors import (
     MergeError,
     UnsupportedAdapterError,
 )
-from adapterkit.fingerprint import INDEX_NAME, fingerprint
-from adapterkit.lora import Adapter
-from adapterkit.merging import merge, parse_dtype, plan_merge
-from adapterkit.peft_io import read_adapter
-from adapterkit.safetensors_io import read_header
+from adapterkit.formats.peft import read_adapter
+from adapterkit.formats.safetensors_io import read_header
+from adapterkit.merging.streamed import merge, parse_dtype, plan_merge
 
 SHARD = "20KB"  # the tiny models then take 6 to 8 shards
 
@@ -149,7 +149,7 @@ def test_two_adapters_give_the_weighted_sum_of_their_deltas(llama: Case, tmp_pat
     for key, value in expected.items():
         assert max_abs_diff(merged[key], value) <= 1e-6, key
     # and PEFT running both adapters, weighted, then merging them agrees
-    from adapterkit.stacking import attach
+    from adapterkit.merging.stacking import attach
 
     reference = attach(copy.deepcopy(llama.model), adapters, [0.7, -0.3]).merge_and_unload()
     assert max_abs_diff(logits(load_merged(tmp_path / "out")), logits(reference)) <= 1e-5
@@ -420,7 +420,7 @@ def test_an_interrupted_merge_leaves_nothing(llama: Case, tmp_path: Path) -> Non
 
 
 def test_a_write_failure_is_reported_and_cleaned_up(llama: Case, tmp_path: Path, monkeypatch: Any) -> None:
-    import adapterkit.merging as merging
+    import adapterkit.merging.streamed as merging
 
     def full(*_args: Any) -> None:
         raise OSError(28, "No space left on device")
@@ -480,7 +480,7 @@ def test_trained_base_biases_are_refused_naming_the_field(gpt2: Case, tmp_path: 
 def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(
     llama: Case, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    import adapterkit.shard_writer as shard_writer
+    import adapterkit.merging.shard_writer as shard_writer
 
     real, calls = shard_writer.SequentialFile.write, []
 
@@ -500,19 +500,19 @@ def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(
 def test_a_failure_in_a_compute_worker_is_reported_and_cleaned_up(
     llama: Case, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    import adapterkit.shard_writer as shard_writer
+    import adapterkit.merging.shard_writer as shard_writer
 
     real, calls = shard_writer.pread_exact, []
 
     def shrinking(fd: int, into: Any, offset: int, what: str) -> None:
         calls.append(what)
         if len(calls) == 4:
-            raise MergeError(f"{what}: the file ended early (it changed while merging)")
+            raise EOFError(f"{what}: the file ended early (it changed while being read)")
         real(fd, into, offset, what)
 
     monkeypatch.setattr(shard_writer, "pread_exact", shrinking)
     before = listing(tmp_path)
-    with pytest.raises(MergeError, match="it changed while merging"):
+    with pytest.raises(MergeError, match="it changed while being read"):
         merge([read_adapter(llama.loras["mixed"])], None, llama.base, tmp_path / "out")
     assert listing(tmp_path) == before
 
@@ -521,7 +521,7 @@ def test_the_output_does_not_depend_on_how_many_workers_compute_it(
     llama: Case, tmp_path: Path, monkeypatch: Any
 ) -> None:
     """Blocks computed out of order by several threads are written in order: byte-identical shards."""
-    import adapterkit.shard_writer as shard_writer
+    import adapterkit.merging.shard_writer as shard_writer
 
     monkeypatch.setattr(shard_writer, "_BLOCK_ELEMENTS", 64)  # many blocks per tensor
     outputs = []
@@ -563,7 +563,7 @@ def test_every_file_is_flushed_before_the_folder_is_published(llama: Case, tmp_p
 
 
 def test_direct_and_buffered_writing_give_the_same_files(llama: Case, tmp_path: Path, monkeypatch: Any) -> None:
-    import adapterkit.shard_writer as shard_writer
+    import adapterkit.merging.shard_writer as shard_writer
 
     outputs = []
     for direct in (True, False):
@@ -581,8 +581,8 @@ def test_an_io_error_anywhere_in_the_pipeline_fails_cleanly(
     """Disk full on the background writes or the first write, or a read error: a MergeError, no hang, no leak."""
     import threading
 
-    import adapterkit.sequential_file as sequential_file
-    import adapterkit.shard_writer as shard_writer
+    import adapterkit.files.sequential as sequential_file
+    import adapterkit.merging.shard_writer as shard_writer
 
     monkeypatch.setattr(shard_writer, "_BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(sequential_file, "_STAGING", 2 * 4096)  # many disk writes per shard

@@ -33,7 +33,7 @@ from helpers import (
 from safetensors.torch import load_file
 
 from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
-from adapterkit.peft_io import (
+from adapterkit.formats.peft import (
     BIN_NAME,
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -44,7 +44,7 @@ from adapterkit.peft_io import (
     tensors_to_bytes,
     write_adapter,
 )
-from adapterkit.safetensors_io import iter_canonical_bytes, read_header
+from adapterkit.formats.safetensors_io import iter_canonical_bytes, read_header
 
 LOGITS_TOLERANCE = 1e-6
 
@@ -80,7 +80,7 @@ def test_llama_round_trip_gives_peft_the_same_logits(case, llama, tmp_path):
     # The config is written as PEFT writes it, with set-valued fields (target_modules) in sorted order.
     import json
 
-    from adapterkit.lora_config import canonical_config
+    from adapterkit.adapter.config import canonical_config
 
     theirs_config = json.loads((original / CONFIG_NAME).read_bytes())
     assert json.loads((written / CONFIG_NAME).read_bytes()) == canonical_config(theirs_config)
@@ -276,7 +276,7 @@ def test_safetensors_the_library_cannot_load_is_refused(lora_folder):
     tensors = {key: (value, "F32") for key, value in load(lora_folder / WEIGHTS_NAME).items()}
     raw = {key: ("F32", tuple(t.shape), t.numpy().tobytes()) for key, (t, _) in tensors.items()}
     raw["base_model.model.scale"] = ("F8_E8M0", (1,), b"\x7f")
-    from adapterkit.safetensors_io import serialize
+    from adapterkit.formats.safetensors_io import serialize
 
     (lora_folder / WEIGHTS_NAME).write_bytes(serialize(raw))
     try:

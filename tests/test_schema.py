@@ -7,8 +7,8 @@ import copy
 import pytest
 from helpers import assert_one_line
 
+from adapterkit.adapter.config import ModuleSpec
 from adapterkit.errors import SchemaValidationError
-from adapterkit.lora_config import ModuleSpec
 from adapterkit.schema import ADAPTER_SCHEMA, MANIFEST_SCHEMA, load_schema, validate
 
 _DIGEST = "sha256:" + "ab" * 32

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from adapterkit import sequential_file
-from adapterkit.errors import MergeError
-from adapterkit.sequential_file import SequentialFile
+from adapterkit.files import sequential as sequential_file
+from adapterkit.files.sequential import SequentialFile
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +157,7 @@ def test_a_source_that_ends_early_is_a_clean_error(tmp_path: Path, direct: bool)
     fd = os.open(tmp_path / "source", os.O_RDONLY)
     out = SequentialFile(tmp_path / "out", direct=direct)
     try:
-        with pytest.raises(MergeError, match=r"^shard: the file ended early"):
+        with pytest.raises(EOFError, match=r"^shard: the file ended early"):
             out.copy_from(fd, 0, 10, "shard")
     finally:
         os.close(fd)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import load_peft, logits, max_abs_diff, save_base, save_lora, tiny_gpt2, tiny_llama
 
+from adapterkit.adapter.model import Adapter
 from adapterkit.errors import CompositionError, InvalidInputError, UnsupportedAdapterError
-from adapterkit.lora import Adapter
-from adapterkit.merging import merge
-from adapterkit.peft_io import read_adapter
-from adapterkit.stacking import attach
+from adapterkit.formats.peft import read_adapter
+from adapterkit.merging.stacking import attach
+from adapterkit.merging.streamed import merge
 
 
 @pytest.fixture(scope="module")

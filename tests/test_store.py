@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapterkit.base_model import fingerprint
 from adapterkit.errors import (
     AdapterFormatError,
     AdapterkitError,
@@ -33,10 +34,10 @@ from adapterkit.errors import (
     StoreLockedError,
     UnsupportedAdapterError,
 )
-from adapterkit.fingerprint import fingerprint
-from adapterkit.peft_io import read_adapter
-from adapterkit.safetensors_io import serialize
-from adapterkit.store import Store, fsutil
+from adapterkit.files import fsutil
+from adapterkit.formats.peft import read_adapter
+from adapterkit.formats.safetensors_io import serialize
+from adapterkit.store import Store
 from adapterkit.store import gc as gc_module
 from adapterkit.store.documents import canonical_json
 
@@ -806,7 +807,7 @@ class _Evil:
 
 
 class _DiskFull:
-    """Stands in for the ``os`` module inside adapterkit.store.fsutil: ``write`` fails with ENOSPC past a budget."""
+    """Stands in for the ``os`` module inside adapterkit.files.fsutil: ``write`` fails with ENOSPC past a budget."""
 
     def __init__(self, budget: int | None) -> None:
         self.budget = budget

@@ -38,7 +38,7 @@ import click
 import pytest
 import torch
 
-from adapterkit.peft_io import read_adapter
+from adapterkit.formats.peft import read_adapter
 from adapterkit.store import Store
 
 CLI = [sys.executable, "-m", "adapterkit.cli"]

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adapterkit.adapter.config import ModuleSpec, carried_features
 from adapterkit.errors import AdapterFormatError, IntegrityError, SchemaValidationError
-from adapterkit.lora_config import ModuleSpec, carried_features
 from adapterkit.schema import ADAPTER_SCHEMA, MANIFEST_SCHEMA, validate
 
 __all__ = [

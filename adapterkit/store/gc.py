@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import AdapterkitError, StoreError
+from adapterkit.files.fsutil import remove_quietly
 from adapterkit.store.documents import parse_manifest
-from adapterkit.store.fsutil import remove_quietly
 from adapterkit.store.locks import gc_lock
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterkit.errors import IntegrityError, ReferenceNotFoundError, StoreError
-from adapterkit.store.fsutil import ensure_dir, fsync_dir, open_temp, remove_quietly, write_all
+from adapterkit.files.fsutil import ensure_dir, fsync_dir, open_temp, remove_quietly, write_all
 
 __all__ = ["ObjectDir", "Stored", "hash_file"]
 

@@ -24,7 +24,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from adapterkit.errors import RefConflictError, ReferenceNotFoundError, StoreError
-from adapterkit.store.fsutil import fsync_dir, replace_atomic, write_all
+from adapterkit.files.fsutil import fsync_dir, replace_atomic, write_all
 from adapterkit.store.locks import file_lock
 from adapterkit.store.names import DIGEST_RE, NAME_RE, TAG_RE
 

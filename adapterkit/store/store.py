@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.adapter.config import ModuleSpec, describe_modules, validate_lora_config
+from adapterkit.base_model import fingerprint, read_base_config, resolve_target, tied_embedding
 from adapterkit.errors import (
     AdapterFormatError,
     AdapterkitError,
@@ -44,13 +46,11 @@ from adapterkit.errors import (
     ReferenceNotFoundError,
     StoreError,
 )
-from adapterkit.fingerprint import fingerprint, read_base_config, resolve_target, tied_embedding
-from adapterkit.lora_config import ModuleSpec, describe_modules, validate_lora_config
-from adapterkit.peft_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME, AdapterFolder, config_bytes, open_folder
-from adapterkit.safetensors_io import iter_canonical_bytes
+from adapterkit.files.fsutil import replace_atomic
+from adapterkit.formats.peft import CONFIG_NAME, README_NAME, WEIGHTS_NAME, AdapterFolder, config_bytes, open_folder
+from adapterkit.formats.safetensors_io import iter_canonical_bytes
 from adapterkit.store.documents import Layer, build_manifest, build_metadata, canonical_json, parse_manifest
 from adapterkit.store.documents import parse_metadata as _parse_metadata
-from adapterkit.store.fsutil import replace_atomic
 from adapterkit.store.locks import gc_lock
 from adapterkit.store.names import Ref, digest_prefix, parse_ref, parse_tag_ref
 from adapterkit.store.objects import ObjectDir
@@ -58,7 +58,7 @@ from adapterkit.store.refs import ANY, RefStore
 from adapterkit.store.validated import ValidatedDigests
 
 if TYPE_CHECKING:
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
     from adapterkit.store.gc import GcReport
     from adapterkit.store.verify import VerifyReport
 
@@ -213,8 +213,8 @@ class Store:
         The config is re-resolved against the tensors first, so what is stored is exactly what
         PEFT will load: a config that would give a module another scaling is refused.
         """
-        from adapterkit.lora import dtype_name
-        from adapterkit.peft_io import tensors_to_bytes
+        from adapterkit.adapter.model import dtype_name
+        from adapterkit.formats.peft import tensors_to_bytes
 
         target = parse_tag_ref(tag) if tag is not None else None
         tensors = adapter.state_dict()
@@ -429,7 +429,7 @@ class Store:
         """Load the adapter ``ref`` names into memory (every byte checked against its digest)."""
         from safetensors.torch import load as load_safetensors
 
-        from adapterkit.lora import Adapter
+        from adapterkit.adapter.model import Adapter
 
         digest = self.resolve(ref)
         config, layers = self.manifest(digest)
@@ -514,8 +514,8 @@ def _copy_verified(source: Path, target: Path, layer: Layer, progress: Progress 
 
 
 def _bin_weights(folder: AdapterFolder) -> tuple[list[bytes], dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    from adapterkit.lora import dtype_name
-    from adapterkit.peft_io import load_bin, tensors_to_bytes
+    from adapterkit.adapter.model import dtype_name
+    from adapterkit.formats.peft import load_bin, tensors_to_bytes
 
     tensors = load_bin(folder.weights_path)
     shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.errors import AdapterkitError, StoreError
+from adapterkit.files.fsutil import replace_atomic
 from adapterkit.store.documents import parse_manifest, parse_metadata
-from adapterkit.store.fsutil import replace_atomic
 from adapterkit.store.locks import gc_lock
 from adapterkit.store.objects import ObjectDir, hash_file
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.params import Param, check_params, fraction, one_of, positive
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,39 +44,9 @@ class ModuleResult:
     truncation_error: float | None = None
 
 
-@dataclass(frozen=True)
-class Param:
-    """One parameter a strategy accepts: its type and default, shown by ``adapterkit plugins``.
-
-    ``check`` returns what is wrong with a value (None when it is fine), so a bad value is refused
-    before any module is touched.
-    """
-
-    type: type
-    default: Any = None
-    help: str = ""
-    check: Callable[[Any], str | None] | None = None
-
-
-def fraction(value: float) -> str | None:
-    """A fraction in (0, 1]: a density or an energy."""
-    return None if 0 < value <= 1 else f"must be in (0, 1], got {value}"
-
-
-def positive(value: int) -> str | None:
-    return None if value >= 1 else f"must be at least 1, got {value}"
-
-
 #: The parameters every truncating strategy takes.
 RANK = Param(int, None, "output rank (default: the parents' largest rank per module)", positive)
 ENERGY = Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction)
-
-
-def one_of(*choices: str) -> Callable[[Any], str | None]:
-    def check(value: str) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
-
-    return check
 
 
 @dataclass(frozen=True)
@@ -88,23 +60,4 @@ class Strategy:
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The full parameter set (defaults filled in), or ValueError naming an unknown/ill-typed one."""
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            raise ValueError(
-                f"strategy {self.name!r} takes no parameter {unknown[0]!r} (takes: {', '.join(self.params) or 'none'})"
-            )
-        out = {}
-        for key, spec in self.params.items():
-            value = params.get(key, spec.default)
-            if value is not None and not isinstance(value, spec.type):
-                if spec.type is float and isinstance(value, int):
-                    value = float(value)
-                else:
-                    raise ValueError(
-                        f"strategy {self.name!r}: parameter {key!r} must be {spec.type.__name__}, got {value!r}"
-                    )
-            problem = spec.check(value) if spec.check is not None and value is not None else None
-            if problem:
-                raise ValueError(f"strategy {self.name!r}: parameter {key!r} {problem}")
-            out[key] = value
-        return out
+        return check_params(f"strategy {self.name!r}", self.params, params)

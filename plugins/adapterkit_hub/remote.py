@@ -52,7 +52,7 @@ from adapterkit.errors import (
     RemoteConflictError,
     SyncError,
 )
-from adapterkit.peft_io import BIN_NAME, CONFIG_NAME, README_NAME, WEIGHTS_NAME
+from adapterkit.formats.peft import BIN_NAME, CONFIG_NAME, README_NAME, WEIGHTS_NAME
 from adapterkit.remotes.base import Progress, TransferResult
 from adapterkit.store import Store, parse_tag_ref
 from adapterkit.store.documents import parse_manifest, parse_metadata

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.adapter.config import ModuleSpec, describe_modules, load_config_json, validate_lora_config
 from adapterkit.errors import AdapterFormatError
-from adapterkit.lora_config import ModuleSpec, describe_modules, load_config_json, validate_lora_config
-from adapterkit.safetensors_io import Header, read_header, serialize
+from adapterkit.formats.safetensors_io import Header, read_header, serialize
 
 if TYPE_CHECKING:
     import torch
 
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
 
 __all__ = [
     "BIN_NAME",
@@ -173,7 +173,7 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """Canonical safetensors bytes for ``tensors`` (tensors sorted by name, fixed metadata)."""
     import torch
 
-    from adapterkit.lora import dtype_name
+    from adapterkit.adapter.model import dtype_name
 
     raw: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     for key, tensor in tensors.items():
@@ -187,7 +187,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Load a PEFT adapter folder into memory."""
     from safetensors.torch import load as load_safetensors
 
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
 
     folder = open_folder(path)
     if folder.is_bin:

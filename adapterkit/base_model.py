@@ -1,4 +1,8 @@
-"""Base-model fingerprints read from safetensors headers.
+"""A base model folder opened once, and its fingerprint, read from safetensors headers.
+
+:class:`BaseModel` reads every shard's header, the index, ``config.json`` and the tied
+embedding once; adding an adapter with ``--base``, fingerprinting, merging and checking an
+adapter against a base all take that one object instead of reading the folder again.
 
 ``structure_digest`` hashes the sorted (tensor name, dtype, shape) list: it is instant for any
 model size (only headers are read) and the same however the model is sharded, which is exactly
@@ -17,16 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import AdapterFormatError, BaseModelError
-from adapterkit.safetensors_io import Header, read_header
+from adapterkit.formats.safetensors_io import Header, read_header
 
 __all__ = [
+    "INDEX_NAME",
     "INPUT_EMBEDDINGS",
     "OUTPUT_EMBEDDINGS",
     "BaseFingerprint",
+    "BaseModel",
     "Shapes",
     "base_weight_key",
     "fingerprint",
     "input_embedding",
+    "open_base",
     "read_base_config",
     "read_base_headers",
     "resolve_target",
@@ -108,29 +115,29 @@ def _digest(items: list[list[object]]) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def fingerprint(base_dir: str | os.PathLike[str], *, content: bool = False) -> BaseFingerprint:
-    """Fingerprint the model in ``base_dir``; ``content=True`` also hashes every tensor's bytes."""
-    headers = read_base_headers(base_dir)
-    tensors = {name: (info.dtype, info.shape) for header in headers.values() for name, info in header.tensors.items()}
-    structure = _digest([[name, dtype, list(shape)] for name, (dtype, shape) in sorted(tensors.items())])
-    content_digest = None
-    if content:
-        rows = []
-        for path, header in headers.items():
-            with path.open("rb") as fh:
-                for name, info in header.tensors.items():
-                    fh.seek(header.data_start + info.begin)
-                    hasher = hashlib.sha256()
-                    remaining = info.nbytes
-                    while remaining:
-                        chunk = fh.read(min(_CHUNK, remaining))
-                        if not chunk:
-                            raise BaseModelError(f"{path}: truncated while hashing {name!r}")
-                        hasher.update(chunk)
-                        remaining -= len(chunk)
-                    rows.append([name, info.dtype, list(info.shape), hasher.hexdigest()])
-        content_digest = _digest(sorted(rows))
-    return BaseFingerprint(structure_digest=structure, tensors=tensors, content_digest=content_digest)
+def _content_digest(headers: Mapping[Path, Header]) -> str:
+    rows = []
+    for path, header in headers.items():
+        with path.open("rb") as fh:
+            for name, info in header.tensors.items():
+                fh.seek(header.data_start + info.begin)
+                hasher = hashlib.sha256()
+                remaining = info.nbytes
+                while remaining:
+                    chunk = fh.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        raise BaseModelError(f"{path}: truncated while hashing {name!r}")
+                    hasher.update(chunk)
+                    remaining -= len(chunk)
+                rows.append([name, info.dtype, list(info.shape), hasher.hexdigest()])
+    return _digest(sorted(rows))
+
+
+def fingerprint(base: str | os.PathLike[str] | BaseModel, *, content: bool = False) -> BaseFingerprint:
+    """Fingerprint the model in ``base`` (a folder or an opened :class:`BaseModel`); ``content=True`` also
+    hashes every tensor's bytes."""
+    model = base if isinstance(base, BaseModel) else BaseModel.open(base)
+    return model.fingerprint(content=content)
 
 
 def base_weight_key(module: str, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str | None:
@@ -211,3 +218,80 @@ def resolve_target(module: str, tensors: Shapes, tied: str | None) -> tuple[str 
     if tied is not None and module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS:
         return tied, True
     return None, False
+
+
+class BaseModel:
+    """A base model folder, opened once: shard headers, index, config, tensors, tied embedding, fingerprint.
+
+    Only headers and small JSON files are read; tensor data is read where a caller asks for it
+    (``content_digest``, the merge). ``config`` is None when the folder has none, or when it cannot
+    be read (``config_error`` then says why, and :meth:`require_config` raises it): a merge that
+    copies ``config.json`` unchanged does not need to understand it.
+    """
+
+    def __init__(self, path: Path, headers: dict[Path, Header]) -> None:
+        self.path = path
+        self.headers = headers
+        #: tensor name -> (dtype, shape), across all shards.
+        self.tensors: Shapes = {
+            name: (info.dtype, info.shape) for header in headers.values() for name, info in header.tensors.items()
+        }
+        self.structure_digest = _digest(
+            [[name, dtype, list(shape)] for name, (dtype, shape) in sorted(self.tensors.items())]
+        )
+        self.index: dict[str, Any] | None = None
+        if (path / INDEX_NAME).is_file():  # read_base_headers took the shards from it, so it is valid JSON
+            self.index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+        self.config_error: BaseModelError | None = None
+        try:
+            self.config: dict[str, Any] | None = read_base_config(path)
+        except BaseModelError as exc:
+            self.config, self.config_error = None, exc
+        #: The stored tensor serving as both input and output embedding, or None.
+        self.tied = tied_embedding(self.tensors, self.config)
+        self._content_digest: str | None = None
+
+    @classmethod
+    def open(cls, base_dir: str | os.PathLike[str]) -> BaseModel:
+        """Open the model folder ``base_dir``; a missing or corrupt shard is a :class:`BaseModelError`."""
+        path = Path(base_dir)
+        return cls(path, read_base_headers(path))
+
+    def __repr__(self) -> str:
+        return f"BaseModel({str(self.path)!r})"
+
+    def require_config(self) -> dict[str, Any] | None:
+        """``config.json`` (None when there is none), or the error that made it unreadable."""
+        if self.config_error is not None:
+            raise self.config_error
+        return self.config
+
+    @property
+    def content_digest(self) -> str:
+        """Hash of every tensor's bytes (reads the whole model once, then remembered)."""
+        if self._content_digest is None:
+            self._content_digest = _content_digest(self.headers)
+        return self._content_digest
+
+    def fingerprint(self, *, content: bool = False) -> BaseFingerprint:
+        return BaseFingerprint(
+            structure_digest=self.structure_digest,
+            tensors=self.tensors,
+            content_digest=self.content_digest if content else None,
+        )
+
+    def resolve(self, module: str) -> tuple[str | None, bool]:
+        """``(base tensor, reached through the tie)`` that the LoRA module path ``module`` changes."""
+        return resolve_target(module, self.tensors, self.tied)
+
+    def shard_of(self, tensor: str) -> tuple[Path, Header]:
+        """The shard file holding ``tensor`` and that shard's header."""
+        for path, header in self.headers.items():
+            if tensor in header.tensors:
+                return path, header
+        raise KeyError(tensor)
+
+
+def open_base(base: str | os.PathLike[str] | BaseModel) -> BaseModel:
+    """``base`` itself when already opened, else the folder opened: callers accept either."""
+    return base if isinstance(base, BaseModel) else BaseModel.open(base)

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from adapterkit.errors import AdapterFormatError, CompositionError, UnsupportedAdapterError
-from adapterkit.lora_config import (
+from adapterkit.adapter.config import (
     KEY_PREFIX,
     ModuleSpec,
     carried_features,
@@ -24,6 +23,7 @@ from adapterkit.lora_config import (
     describe_modules,
     validate_lora_config,
 )
+from adapterkit.errors import AdapterFormatError, CompositionError, UnsupportedAdapterError
 
 __all__ = ["TORCH_DTYPES", "Adapter", "LoraModule", "check_weights"]
 

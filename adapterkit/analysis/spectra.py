@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapterkit.composition import _common_shape, adapter_digest, check_compatible, resolve_strategy
+from adapterkit.adapter.config import delta_blockers
+from adapterkit.adapter.model import check_weights
+from adapterkit.composition.engine import _common_shape, adapter_digest, check_compatible, resolve_strategy
 from adapterkit.errors import CompositionError, UnsupportedAdapterError
-from adapterkit.lora import check_weights
-from adapterkit.lora_config import delta_blockers
 from adapterkit.strategies._dense import block_entries
 from adapterkit.strategies._lowrank import choose_rank, derive_seed, sketch_width, stacked_svd
 
 if TYPE_CHECKING:
-    from adapterkit.lora import Adapter, LoraModule
+    from adapterkit.adapter.model import Adapter, LoraModule
     from adapterkit.plugins import Plugins
 
 __all__ = [
@@ -403,7 +403,7 @@ def _energy_report(adapters: Sequence[Adapter], weights: list[float], names: lis
 
 
 def _dtype_code(dtype: torch.dtype) -> str:
-    from adapterkit.lora import TORCH_DTYPES
+    from adapterkit.adapter.model import TORCH_DTYPES
 
     return TORCH_DTYPES[dtype]
 
@@ -596,10 +596,10 @@ def plan_merge_summary(
     it does not change from machine to machine. Whole tensors are never held, so ``largest_tensor``
     is there for reference only.
     """
-    from adapterkit.merge_plan import plan_merge
-    from adapterkit.merging import _device
-    from adapterkit.safetensors_io import DTYPE_SIZES
-    from adapterkit.shard_writer import _BLOCK_ELEMENTS, _MAX_WORKERS, _WRITE_DEPTH, _shard_header
+    from adapterkit.formats.safetensors_io import DTYPE_SIZES
+    from adapterkit.merging.plan import plan_merge
+    from adapterkit.merging.shard_writer import _BLOCK_ELEMENTS, _MAX_WORKERS, _WRITE_DEPTH, _shard_header
+    from adapterkit.merging.streamed import _device
 
     plan = plan_merge(adapters, weights, base_dir, dtype=dtype, force=force)
     touched: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""``plot``: a PNG of an :func:`~adapterkit.inspection.inspect` report, for choosing ``--rank`` at a glance.
+"""``plot``: a PNG of an :func:`~adapterkit.analysis.spectra.inspect` report, for choosing ``--rank`` at a glance.
 
 matplotlib is an optional dependency (``adapterkit[plot]``), imported only when a plot is drawn,
 so that nothing else in adapterkit pays for it. The figure is drawn on a bare Agg canvas rather

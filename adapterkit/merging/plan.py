@@ -4,7 +4,7 @@
 tensor it changes (the common ``transformers`` layouts, tied embeddings, ``fan_in_fan_out``),
 and refuses, naming the module and the base, anything that cannot be merged: a fingerprint
 mismatch, a target the base lacks, a shape or dtype that does not fit, an adapter whose change is
-not ``s * B @ A``. :mod:`adapterkit.merging` then writes what the plan says.
+not ``s * B @ A``. :mod:`adapterkit.merging.streamed` then writes what the plan says.
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import (
-    BaseModelError,
-    IncompatibleAdaptersError,
-    InvalidInputError,
-    UnsupportedAdapterError,
-)
-from adapterkit.fingerprint import (
+from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
+from adapterkit.adapter.model import check_weights
+from adapterkit.base_model import (
     INDEX_NAME,
     fingerprint,
     read_base_config,
@@ -30,15 +26,19 @@ from adapterkit.fingerprint import (
     resolve_target,
     tied_embedding,
 )
-from adapterkit.lora import check_weights
-from adapterkit.lora_config import KEY_PREFIX, carried_features, delta_blockers
-from adapterkit.safetensors_io import DTYPE_SIZES, Header, TensorInfo
-from adapterkit.sequential_file import pread_exact
+from adapterkit.errors import (
+    BaseModelError,
+    IncompatibleAdaptersError,
+    InvalidInputError,
+    UnsupportedAdapterError,
+)
+from adapterkit.files.sequential import pread_exact
+from adapterkit.formats.safetensors_io import DTYPE_SIZES, Header, TensorInfo
 
 if TYPE_CHECKING:
     import torch
 
-    from adapterkit.lora import Adapter, LoraModule
+    from adapterkit.adapter.model import Adapter, LoraModule
 
 __all__ = [
     "CONFIG_DTYPE_NAMES",
@@ -74,7 +74,7 @@ _DTYPE_ALIASES = {
 CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: Files in a model folder that hold weights in some other format: copying them would ship unmerged weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
-#: tensor name -> (dtype, shape), as :func:`~adapterkit.fingerprint.fingerprint` lists a base's tensors.
+#: tensor name -> (dtype, shape), as :func:`~adapterkit.base_model.fingerprint` lists a base's tensors.
 _Shapes = dict[str, tuple[str, tuple[int, ...]]]
 
 
@@ -321,8 +321,11 @@ def plan_merge(
 
     def read(name: str) -> torch.Tensor:
         path, header = owner[name]
-        with path.open("rb") as fh:
-            return _read_tensor(fh.fileno(), header, header.tensors[name], path)
+        try:
+            with path.open("rb") as fh:
+                return _read_tensor(fh.fileno(), header, header.tensors[name], path)
+        except (EOFError, OSError) as exc:
+            raise BaseModelError(str(exc)) from None
 
     _check_extra_tensors(adapters, fp.tensors, tied, read)
     index = None

@@ -5,7 +5,7 @@ copied without being decoded. A targeted tensor goes through in blocks of whole 
 thread (one per core) reads a block, widens it to float32 (float64 for a float64 base), adds its
 rows of ``sum_i w_i s_i B_i A_i`` in place (``addmm_``: no dense delta is ever formed) and rounds
 it back; the writer thread appends finished blocks in order to the output file
-(:class:`~adapterkit.sequential_file.SequentialFile`), and a third flushes each finished shard
+(:class:`~adapterkit.files.sequential.SequentialFile`), and a third flushes each finished shard
 to disk while the next one is computed. Memory stays at the adapters plus a few blocks.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.merge_plan import Contribution, MergePlan, torch_dtype
-from adapterkit.safetensors_io import CANONICAL_METADATA, DTYPE_SIZES, Header, TensorInfo
-from adapterkit.sequential_file import SequentialFile, pread_exact
+from adapterkit.files.sequential import SequentialFile, pread_exact
+from adapterkit.formats.safetensors_io import CANONICAL_METADATA, DTYPE_SIZES, Header, TensorInfo
+from adapterkit.merging.plan import Contribution, MergePlan, torch_dtype
 
 if TYPE_CHECKING:
     import torch

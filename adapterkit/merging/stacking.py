@@ -2,7 +2,7 @@
 
 The approach is PEFT's own multi-adapter path, so nothing here re-implements a forward pass:
 
-1. each adapterkit :class:`~adapterkit.lora.Adapter` is written to a private temporary PEFT folder
+1. each adapterkit :class:`~adapterkit.adapter.model.Adapter` is written to a private temporary PEFT folder
    (``adapter_config.json`` + canonical safetensors, exactly what ``adapterkit export`` writes) and
    loaded under its own adapter name with ``PeftModel.from_pretrained`` / ``load_adapter`` -- the
    loader users already trust, with its rank/alpha pattern resolution and dtype handling;
@@ -14,7 +14,7 @@ The approach is PEFT's own multi-adapter path, so nothing here re-implements a f
 That is the merged model's ``(W + sum_i w_i s_i B_i A_i) x`` up to float rounding, so ``attach`` and
 :func:`adapterkit.merging.merge` agree, at a cost per token proportional to ``sum_i r_i`` instead of a
 new copy of the base. (With a tied embedding, PEFT's unmerged model changes only the side the
-adapter targets; merging changes the one shared tensor. See :mod:`adapterkit.merging`.)
+adapter targets; merging changes the one shared tensor. See :mod:`adapterkit.merging.streamed`.)
 
 Weights other than 1 and several adapters at once need each adapter's change to be ``s * B @ A``:
 DoRA, ``lora_bias``, ``modules_to_save`` and the like are refused then, naming the field. A single
@@ -29,14 +29,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.adapter.config import carried_features, delta_blockers
+from adapterkit.adapter.model import check_weights
 from adapterkit.errors import InvalidInputError, UnsupportedAdapterError
-from adapterkit.lora import check_weights
-from adapterkit.lora_config import carried_features, delta_blockers
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
 
 __all__ = ["attach"]
 
@@ -96,7 +96,7 @@ def attach(
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from adapterkit.peft_io import write_adapter
+    from adapterkit.formats.peft import write_adapter
 
     values = check_weights(adapters, weights, "attach")
     _check(adapters, values)

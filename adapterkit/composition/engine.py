@@ -15,18 +15,18 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from adapterkit import __version__
+from adapterkit.adapter.config import ModuleSpec, carried_features
 from adapterkit.errors import (
     CompositionError,
     IncompatibleAdaptersError,
     UnknownStrategyError,
     UnsupportedAdapterError,
 )
-from adapterkit.lora_config import ModuleSpec, carried_features
 
 if TYPE_CHECKING:
     import torch
 
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
     from adapterkit.plugins import Plugins
     from adapterkit.strategies.base import Strategy
 
@@ -37,7 +37,7 @@ def adapter_digest(adapter: Adapter) -> str:
     """The adapter's store digest, or for one never stored, the sha256 of its canonical files."""
     if adapter.digest:
         return adapter.digest
-    from adapterkit.peft_io import config_bytes, tensors_to_bytes
+    from adapterkit.formats.peft import config_bytes, tensors_to_bytes
 
     hasher = hashlib.sha256(config_bytes(adapter.config))
     hasher.update(tensors_to_bytes(adapter.state_dict()))
@@ -131,7 +131,7 @@ def compose(
     """
     import torch
 
-    from adapterkit.lora import Adapter, LoraModule, check_weights
+    from adapterkit.adapter.model import Adapter, LoraModule, check_weights
 
     weights = check_weights(adapters, weights, "compose")
     chosen, resolved = resolve_strategy(strategy, params, plugins)
@@ -155,7 +155,7 @@ def compose(
     names = sorted({name for adapter in adapters for name in adapter.modules})
     modules: dict[str, LoraModule] = {}
     errors: dict[str, float] = {}
-    from adapterkit.lora import TORCH_DTYPES
+    from adapterkit.adapter.model import TORCH_DTYPES
     from adapterkit.strategies.base import ModuleInput
 
     for name in names:
@@ -225,7 +225,7 @@ def _shared_extras(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
 
 
 def _identity(parent: Adapter, base_model: dict[str, Any] | None, lineage: dict[str, Any]) -> Adapter:
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
 
     copy = Adapter(
         config=dict(parent.config),

@@ -20,8 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from adapterkit.errors import MergeError
-
 __all__ = ["SequentialFile", "copy_range", "pread_exact", "write_all"]
 
 #: Offsets, lengths and addresses of ``O_DIRECT`` writes are multiples of this (the largest common
@@ -50,9 +48,9 @@ def pread_exact(fd: int, into: memoryview, offset: int, what: str) -> None:
         try:
             got = os.preadv(fd, [into[done:]], offset + done)
         except OSError as exc:
-            raise MergeError(f"{what}: cannot read ({exc.strerror or type(exc).__name__})") from None
+            raise OSError(exc.errno, f"{what}: cannot read ({exc.strerror or type(exc).__name__})") from None
         if got == 0:
-            raise MergeError(f"{what}: the file ended early (it changed while merging)")
+            raise EOFError(f"{what}: the file ended early (it changed while being read)")
         done += got
 
 
@@ -65,12 +63,12 @@ def copy_range(src: int, dst: int, offset: int, length: int, what: str) -> None:
         except (AttributeError, OSError):
             break  # not Linux, or across file systems the kernel cannot copy between: copy through user space
         if copied == 0:
-            raise MergeError(f"{what}: the file ended early (it changed while merging)")
+            raise EOFError(f"{what}: the file ended early (it changed while being read)")
         done += copied
     while done < length:
         chunk = os.pread(src, min(_CHUNK, length - done), offset + done)
         if not chunk:
-            raise MergeError(f"{what}: the file ended early (it changed while merging)")
+            raise EOFError(f"{what}: the file ended early (it changed while being read)")
         write_all(dst, chunk)
         done += len(chunk)
 

@@ -4,8 +4,8 @@ PEFT's ``merge_and_unload`` needs the whole model instantiated, so merging a 70B
 the RAM of a 70B model. A LoRA only changes the weights it targets, and each change depends on
 nothing but that one weight and the adapter's factors, so a merge never builds a model: it
 reads the base's safetensors headers and checks every target before writing a byte
-(:mod:`adapterkit.merge_plan`), then walks each shard in its own order
-(:mod:`adapterkit.shard_writer`). A tensor no adapter touches is copied byte for byte, kernel to kernel,
+(:mod:`adapterkit.merging.plan`), then walks each shard in its own order
+(:mod:`adapterkit.merging.shard_writer`). A tensor no adapter touches is copied byte for byte, kernel to kernel,
 without being decoded; a targeted tensor is streamed through in blocks of whole rows, each
 widened to float32 (float64 for a float64 base), given its rows of ``sum_i w_i s_i B_i A_i`` in
 place (``addmm_``: no dense delta is ever formed) and rounded back, while a writer thread copies the
@@ -40,15 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.base_model import INDEX_NAME, fingerprint, read_base_config
 from adapterkit.errors import InvalidInputError, MergeError
-from adapterkit.fingerprint import INDEX_NAME, fingerprint, read_base_config
-from adapterkit.merge_plan import CONFIG_DTYPE_NAMES, CONFIG_NAME, Contribution, MergePlan, parse_dtype, plan_merge
-from adapterkit.shard_writer import LowRankUpdate, MergeProgress, apply_updates, low_rank_updates, write_shards
+from adapterkit.merging.plan import CONFIG_DTYPE_NAMES, CONFIG_NAME, Contribution, MergePlan, parse_dtype, plan_merge
+from adapterkit.merging.shard_writer import LowRankUpdate, MergeProgress, apply_updates, low_rank_updates, write_shards
 
 if TYPE_CHECKING:
     import torch
 
-    from adapterkit.lora import Adapter
+    from adapterkit.adapter.model import Adapter
 
 __all__ = [
     "Contribution",
@@ -220,6 +220,8 @@ def merge(
         os.rename(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, EOFError):  # a base shard shrank or was replaced while it was read
+            raise MergeError(str(exc)) from None
         if isinstance(exc, OSError):
             raise MergeError(f"{out}: writing the merged model failed ({exc.strerror or exc})") from None
         raise

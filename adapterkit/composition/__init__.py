@@ -1,0 +1,1 @@
+"""``compose``: the dispatcher that blends adapters through a strategy, and its dry-run plan."""

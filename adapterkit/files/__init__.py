@@ -1,0 +1,1 @@
+"""File-system primitives shared by the store and the merge: atomic publication, fsync, sequential writes."""
