@@ -1,6 +1,6 @@
 """What a merge will do, decided and checked before a byte is written (no torch maths here).
 
-:func:`plan_merge` reads the base's safetensors headers, resolves every adapter module to the base
+:func:`build_plan` reads the base's safetensors headers, resolves every adapter module to the base
 tensor it changes (the common ``transformers`` layouts, tied embeddings, ``fan_in_fan_out``),
 and refuses, naming the module and the base, anything that cannot be merged: a fingerprint
 mismatch, a target the base lacks, a shape or dtype that does not fit, an adapter whose change is
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
+from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, parse_dtype, torch_dtype
 from adapterkit.adapter.model import check_weights
 from adapterkit.base_model import (
     INDEX_NAME,
@@ -29,11 +30,10 @@ from adapterkit.base_model import (
 from adapterkit.errors import (
     BaseModelError,
     IncompatibleAdaptersError,
-    InvalidInputError,
     UnsupportedAdapterError,
 )
+from adapterkit.files.safetensors import Header, TensorInfo
 from adapterkit.files.sequential import pread_exact
-from adapterkit.formats.safetensors_io import DTYPE_SIZES, Header, TensorInfo
 
 if TYPE_CHECKING:
     import torch
@@ -41,37 +41,13 @@ if TYPE_CHECKING:
     from adapterkit.adapter.model import Adapter, LoraModule
 
 __all__ = [
-    "CONFIG_DTYPE_NAMES",
     "CONFIG_NAME",
-    "FLOAT_DTYPES",
     "Contribution",
     "MergePlan",
-    "parse_dtype",
-    "plan_merge",
-    "torch_dtype",
+    "build_plan",
 ]
 
 CONFIG_NAME = "config.json"
-#: Floating dtypes a LoRA delta can be added to (and ``dtype=`` may convert between).
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-_DTYPE_ALIASES = {
-    "float32": "F32",
-    "fp32": "F32",
-    "f32": "F32",
-    "float": "F32",
-    "float16": "F16",
-    "fp16": "F16",
-    "f16": "F16",
-    "half": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float64": "F64",
-    "fp64": "F64",
-    "f64": "F64",
-    "double": "F64",
-}
-#: The names transformers writes into config.json's ``torch_dtype`` / ``dtype``.
-CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: Files in a model folder that hold weights in some other format: copying them would ship unmerged weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 #: tensor name -> (dtype, shape), as :func:`~adapterkit.base_model.fingerprint` lists a base's tensors.
@@ -120,23 +96,6 @@ class MergePlan:
 
 
 # --- checks and planning -----------------------------------------------------------------------------------------
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """The safetensors code for ``dtype`` (``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``...); None keeps the base's."""
-    if dtype is None:
-        return None
-    text = str(dtype).removeprefix("torch.")
-    if text.lower() == "auto":
-        return None
-    if text.upper() in FLOAT_DTYPES:
-        return text.upper()
-    code = _DTYPE_ALIASES.get(text.lower())
-    if code is None:
-        raise InvalidInputError(
-            f"dtype {text!r} is not one a merged model can be written in; use float32, float16 or bfloat16"
-        )
-    return code
 
 
 def _label(adapter: Adapter, index: int) -> str:
@@ -290,7 +249,7 @@ def _other_files(base_dir: Path, shards: Sequence[Path]) -> tuple[list[Path], li
     return copy, skipped
 
 
-def plan_merge(
+def build_plan(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None,
     base_dir: str | os.PathLike[str],
@@ -344,12 +303,6 @@ def plan_merge(
         skipped_files=skipped,
         warnings=warnings,
     )
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    import torch
-
-    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[code]
 
 
 def _read_tensor(fd: int, header: Header, info: TensorInfo, path: Path) -> torch.Tensor:

@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.adapter.dtypes import CONFIG_DTYPE_NAMES
 from adapterkit.base_model import INDEX_NAME, fingerprint, read_base_config
 from adapterkit.errors import InvalidInputError, MergeError
-from adapterkit.merging.plan import CONFIG_DTYPE_NAMES, CONFIG_NAME, Contribution, MergePlan, parse_dtype, plan_merge
+from adapterkit.merging.plan import CONFIG_NAME, Contribution, MergePlan, build_plan
 from adapterkit.merging.shard_writer import LowRankUpdate, MergeProgress, apply_updates, low_rank_updates, write_shards
 
 if TYPE_CHECKING:
@@ -60,8 +61,6 @@ __all__ = [
     "apply_updates",
     "low_rank_updates",
     "merge",
-    "parse_dtype",
-    "plan_merge",
 ]
 
 
@@ -200,7 +199,7 @@ def merge(
     if out.exists() or out.is_symlink():
         raise InvalidInputError(f"{out}: already exists; merge writes a new folder")
     chosen = _device(device)
-    plan = plan_merge(adapters, weights, base_dir, dtype=dtype, force=force)
+    plan = build_plan(adapters, weights, base_dir, dtype=dtype, force=force)
     tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:12]}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
