@@ -260,9 +260,8 @@ def _plugins_setup(session: Session, stack: contextlib.ExitStack) -> None:
     project = tomllib.loads(next(b.text for b in page if b.lang == "toml"))["project"]
     entry_points = project["entry-points"]["adapterkit"]
     (module,) = set(entry_points.values())
-    code = "\n\n".join(
-        b.text for b in page if b.lang == "python" and re.search(r"def register_(strategies|formats|commands)\(", b.text)
-    )
+    hooks = r"def register_(strategies|formats|commands)\("
+    code = "\n\n".join(b.text for b in page if b.lang == "python" and re.search(hooks, b.text))
     site = session.scratch / "site-packages"
     dist = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
     dist.mkdir(parents=True)

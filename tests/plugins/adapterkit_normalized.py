@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import torch
@@ -29,7 +29,7 @@ class FlatFormat(Format):
 
     name = "flat"
     description = "one .lora.safetensors file, config in its metadata"
-    options = {"note": Param(str, None, "a note kept in the file's metadata")}
+    options: ClassVar[dict[str, Param]] = {"note": Param(str, None, "a note kept in the file's metadata")}
 
     def recognizes(self, path: Path) -> bool:
         return path.is_file() and path.name.endswith(".lora.safetensors")
