@@ -49,6 +49,8 @@ WRAPPED_VALUE_ERRORS = {
     # Strategy.check_params and the strategy functions: composition.resolve_strategy re-raises the
     # message as CompositionError; compose / plan_compose as "strategy 'x' failed on module 'm': ...".
     "adapterkit/strategies/": "CompositionError",
+    # params.check_params: declared parameters of strategies and formats, re-raised as AdapterkitErrors.
+    "adapterkit/params.py": "CompositionError",
 }
 
 #: Messages with no literal text of their own to search for: (file, function) -> what the page shows.

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import ModuleSpec, describe_modules, load_config_json, validate_lora_config
-from adapterkit.adapter.model import tensors_to_bytes
 from adapterkit.errors import AdapterFormatError
 from adapterkit.files.safetensors import (
     Header,
@@ -47,7 +46,6 @@ __all__ = [
     "load_bin",
     "open_folder",
     "read_adapter",
-    "tensors_to_bytes",
     "write_adapter",
 ]
 
@@ -201,6 +199,8 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_bytes(config_bytes(adapter.config))
+    from adapterkit.adapter.model import tensors_to_bytes
+
     (folder / WEIGHTS_NAME).write_bytes(tensors_to_bytes(adapter.state_dict()))
     return folder
 
@@ -224,7 +224,7 @@ class PeftFormat(Format):
     def read(self, path: Path) -> AdapterFiles:
         folder = open_folder(path)
         if folder.is_bin:
-            from adapterkit.adapter.model import dtype_name  # a .bin needs torch to read at all
+            from adapterkit.adapter.model import dtype_name, tensors_to_bytes  # a .bin needs torch to read at all
 
             tensors = load_bin(folder.weights_path)
             shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}

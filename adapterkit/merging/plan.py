@@ -9,7 +9,6 @@ not ``s * B @ A``. :mod:`adapterkit.merging.streamed` then writes what the plan 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,14 +18,7 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
 from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, parse_dtype, torch_dtype
 from adapterkit.adapter.model import check_weights
-from adapterkit.base_model import (
-    INDEX_NAME,
-    fingerprint,
-    read_base_config,
-    read_base_headers,
-    resolve_target,
-    tied_embedding,
-)
+from adapterkit.base_model import INDEX_NAME, BaseModel, open_base, resolve_target
 from adapterkit.errors import (
     BaseModelError,
     IncompatibleAdaptersError,
@@ -77,6 +69,8 @@ class MergePlan:
     dtype: str | None
     base_structure_digest: str
     index: dict[str, Any] | None
+    #: The base's config.json (None when it has none, or when it is copied unread).
+    config: dict[str, Any] | None
     copy_files: list[Path]
     skipped_files: list[str]
     warnings: list[str] = field(default_factory=list)
@@ -252,7 +246,7 @@ def _other_files(base_dir: Path, shards: Sequence[Path]) -> tuple[list[Path], li
 def build_plan(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None,
-    base_dir: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | BaseModel,
     *,
     dtype: str | torch.dtype | None = None,
     force: bool = False,
@@ -261,44 +255,36 @@ def build_plan(
 
     Raises the same errors :func:`merge` raises before writing: a missing or corrupt shard, a base
     that does not fit (fingerprint, missing target, shape, quantized weight), unsupported adapters.
+    ``base_dir`` may be a :class:`BaseModel` already opened; the folder is read once either way.
     """
-    base = Path(base_dir)
     values = check_weights(adapters, weights, "merge")
     code = parse_dtype(dtype)
-    headers = read_base_headers(base)
-    fp = fingerprint(base)
-    _check_adapters(adapters, fp.structure_digest, base, force)
-    try:
-        config = read_base_config(base)
-    except BaseModelError:
-        if code is not None:
-            raise  # its dtype must be rewritten
-        config = None  # copied as it is; only the tie default is lost
-    tied = tied_embedding(fp.tensors, config)
-    targets, warnings = _build_targets(adapters, values, fp.tensors, tied, base)
-    owner = {name: (path, header) for path, header in headers.items() for name in header.tensors}
+    model = open_base(base_dir)
+    base = model.path
+    _check_adapters(adapters, model.structure_digest, base, force)
+    # An unreadable config.json is copied as it is (only the tie default is lost), unless its dtype must change.
+    config = model.require_config() if code is not None else model.config
+    targets, warnings = _build_targets(adapters, values, model.tensors, model.tied, base)
 
     def read(name: str) -> torch.Tensor:
-        path, header = owner[name]
+        path, header = model.shard_of(name)
         try:
             with path.open("rb") as fh:
                 return _read_tensor(fh.fileno(), header, header.tensors[name], path)
         except (EOFError, OSError) as exc:
             raise BaseModelError(str(exc)) from None
 
-    _check_extra_tensors(adapters, fp.tensors, tied, read)
-    index = None
-    if (base / INDEX_NAME).is_file():  # read_base_headers took the shards from it, so it is valid JSON
-        index = json.loads((base / INDEX_NAME).read_text(encoding="utf-8"))
-    copy, skipped = _other_files(base, list(headers))
+    _check_extra_tensors(adapters, model.tensors, model.tied, read)
+    copy, skipped = _other_files(base, list(model.headers))
     return MergePlan(
         base_dir=base,
         weights=values,
-        shards=headers,
+        shards=model.headers,
         targets=targets,
         dtype=code,
-        base_structure_digest=fp.structure_digest,
-        index=index,
+        base_structure_digest=model.structure_digest,
+        index=model.index,
+        config=config,
         copy_files=copy,
         skipped_files=skipped,
         warnings=warnings,
