@@ -22,6 +22,7 @@ from adapterkit.errors import (
     InvalidInputError,
     InvalidReferenceError,
     MergeError,
+    NonFiniteError,
     PluginError,
     RefConflictError,
     ReferenceNotFoundError,
@@ -32,7 +33,7 @@ from adapterkit.errors import (
     UnsupportedAdapterError,
 )
 from adapterkit.fingerprint import BaseFingerprint, fingerprint
-from adapterkit.store import AddResult, GcReport, Store, VerifyReport
+from adapterkit.store import AddResult, GcReport, Store, TagResult, VerifyReport
 
 if TYPE_CHECKING:
     from adapterkit.composition import compose
@@ -57,6 +58,7 @@ __all__ = [
     "InvalidReferenceError",
     "LoraModule",
     "MergeError",
+    "NonFiniteError",
     "PluginError",
     "RefConflictError",
     "ReferenceNotFoundError",
@@ -64,6 +66,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreLockedError",
+    "TagResult",
     "UnknownStrategyError",
     "UnsupportedAdapterError",
     "VerifyReport",

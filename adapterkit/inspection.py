@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapterkit.composition import _common_shape, adapter_digest, check_compatible, resolve_strategy
+from adapterkit.composition import (
+    _common_shape,
+    adapter_digest,
+    adapter_label,
+    check_compatible,
+    check_not_empty,
+    delta_norm,
+    resolve_strategy,
+)
 from adapterkit.errors import CompositionError, UnsupportedAdapterError
 from adapterkit.lora import check_weights
 from adapterkit.lora_config import delta_blockers
@@ -245,6 +253,12 @@ def inspect(
     _check_deltas(adapters)
     if len(adapters) > 1:
         check_compatible(adapters, force=force)
+    from adapterkit.weighting import check_finite_factors, check_weight_range
+
+    labels = [adapter_label(adapter, i) for i, adapter in enumerate(adapters)]
+    check_finite_factors(adapters, labels)
+    # The report squares singular values in float64; weights compose could use in float32 keep them finite.
+    check_weight_range(adapters, values, labels, torch.float32)
     names = sorted({name for adapter in adapters for name in adapter.modules})
     for name in names:
         _common_shape(name, [m.spec for _, m, _ in _present(adapters, values, name)])
@@ -453,14 +467,22 @@ def plan_compose(
     factors and the result's factors, which compose holds throughout. These are estimates for
     choosing between settings, not measurements.
     """
+    from adapterkit.devices import resolve_device
+    from adapterkit.weighting import check_finite_factors, check_weight_range
+
     values = check_weights(adapters, weights, "compose")
     chosen, resolved = resolve_strategy(strategy, params, plugins)
+    device_type = resolve_device(device).type
     base_model = check_compatible(adapters, force=force)
+    labels = [adapter_label(adapter, i) for i, adapter in enumerate(adapters)]
+    check_finite_factors(adapters, labels)
 
     factor_dtypes = {m.A.dtype for a in adapters for m in a.modules.values()}
     out_dtype = dtype or (factor_dtypes.pop() if len(factor_dtypes) == 1 else torch.float32)
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
     identity = chosen.name == "linear" and len(adapters) == 1 and values[0] == 1.0
+    if not identity:
+        check_weight_range(adapters, values, labels, compute)
     if identity:
         out_dtype = None  # the parent itself, factors untouched
     notes: list[str] = []
@@ -471,7 +493,9 @@ def plan_compose(
         notes.append(f"strategy {strategy!r} is not one whose output rank can be predicted; ranks and costs unknown")
     rank, energy = resolved.get("rank"), resolved.get("energy")
     esize = torch.empty((), dtype=compute).element_size()
-    device_type = torch.device(device).type if device is not None else "cpu"
+    #: ||delta|| of each module's result and sum_i |w_i| ||D_i|| of its parents, where the plan can tell (linear, svd).
+    norms: dict[str, float] = {}
+    scales: dict[str, float] = {}
 
     modules: dict[str, Any] = {}
     sizes: dict[str, tuple[int, int]] = {}  # (out, in * kernel): an output factor pair holds rank * (out + in) values
@@ -490,19 +514,23 @@ def plan_compose(
             "input_ranks": ranks,
             "input_rank": R,
         }
-        if kind == "linear":
-            k = ranks[0] if identity else R
-            entry.update(rank=k, rank_max=k, truncation_error=None)
-            entry.update(flops=0 if identity else 2 * R * n, peak_bytes=0 if identity else 2 * (m + n) * R * esize)
-        elif kind == "svd":
+        if kind in ("linear", "svd"):
             factors = [
                 (module.A.to(dtype=compute).flatten(1) * module.spec.scaling, module.B.to(dtype=compute).flatten(1))
                 for _, module, _ in present
             ]
+            scales[name] = sum(abs(w) * delta_norm(A, B) for (A, B), (_, _, w) in zip(factors, present, strict=True))
+        if kind == "linear":
+            k = ranks[0] if identity else R
+            norms[name] = scales[name] if identity else float(_stacked(factors, [w for _, _, w in present]).norm())
+            entry.update(rank=k, rank_max=k, truncation_error=None)
+            entry.update(flops=0 if identity else 2 * R * n, peak_bytes=0 if identity else 2 * (m + n) * R * esize)
+        elif kind == "svd":
             S = _stacked(factors, [w for _, _, w in present])
             k = choose_rank(S, rank, energy, max(ranks))
             power = S.double() ** 2
             total = float(power.sum())
+            norms[name] = math.sqrt(float(power[:k].sum()))
             entry.update(
                 rank=k,
                 rank_max=S.numel(),
@@ -530,8 +558,8 @@ def plan_compose(
 
     known = [e["rank"] for e in modules.values() if e["rank"] is not None]
     dropped = sorted(name for name, e in modules.items() if e["rank"] == 0)
-    if modules and len(dropped) == len(modules):
-        raise CompositionError("the blend is empty: every module's result has rank 0")
+    if norms:  # the dense strategies' results depend on the dense deltas: compose itself tells
+        check_not_empty(norms, scales, torch.float64 if identity else compute, strategy)
     unknown = len(known) < len(modules)
     kept = [k for k in known if k > 0]
     output_parameters: int | None = None

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.errors import (
     BaseModelError,
-    IncompatibleAdaptersError,
     InvalidInputError,
     UnsupportedAdapterError,
 )
 from adapterkit.fingerprint import (
     INDEX_NAME,
+    BaseFingerprint,
     fingerprint,
     read_base_config,
     read_base_headers,
@@ -34,6 +35,7 @@ from adapterkit.lora import check_weights
 from adapterkit.lora_config import KEY_PREFIX, carried_features, delta_blockers
 from adapterkit.safetensors_io import DTYPE_SIZES, Header, TensorInfo
 from adapterkit.sequential_file import pread_exact
+from adapterkit.weighting import check_finite_factors, check_weight_range
 
 if TYPE_CHECKING:
     import torch
@@ -143,39 +145,41 @@ def _label(adapter: Adapter, index: int) -> str:
     return f"adapter {index + 1} ({adapter.digest[:19]})" if adapter.digest else f"adapter {index + 1}"
 
 
-def _check_adapters(adapters: Sequence[Adapter], base_digest: str, base_dir: Path, force: bool) -> None:
-    """Refuse adapters made for another base, or whose weight change is not ``scaling * B @ A``."""
-    names: set[str] = set()
-    any_fingerprint = False
-    for i, adapter in enumerate(adapters):
-        base = (adapter.metadata or {}).get("base_model") or {}
-        digest = base.get("structure_digest")
-        name = base.get("name") or adapter.config.get("base_model_name_or_path")
-        if name:
-            names.add(str(name))
-        if digest:
-            any_fingerprint = True
-            if digest != base_digest and not force:
-                raise BaseModelError(
-                    f"{_label(adapter, i)} was made for base {digest[:19]}, but {base_dir} is {base_digest[:19]} "
-                    "(structure fingerprints differ); use --force to merge anyway"
-                )
+def _check_adapters(
+    adapters: Sequence[Adapter], fp: BaseFingerprint, config: Mapping[str, Any] | None, base_dir: Path, force: bool
+) -> list[str]:
+    """Refuse adapters made for another base, or whose weight change is not ``scaling * B @ A``; returns warnings.
+
+    The base rule is :func:`adapterkit.base_identity.reconcile`, over the adapters and the base
+    folder itself (its structure fingerprint, the ``_name_or_path`` its config.json may record,
+    and its content digest, computed only when an adapter carries one to compare it with).
+    """
+    labels = [_label(adapter, i) for i, adapter in enumerate(adapters)]
+    sides = [BaseIdentity.of_adapter(adapter, label) for adapter, label in zip(adapters, labels, strict=True)]
+    content = None
+    if any(side.content_digest for side in sides):
+        content = fingerprint(base_dir, content=True).content_digest  # reads the whole base: only when asked for
+    name = (config or {}).get("_name_or_path")
+    base = BaseIdentity(
+        label=str(base_dir),
+        name=name if isinstance(name, str) and name else None,
+        structure_digest=fp.structure_digest,
+        content_digest=content,
+        is_base=True,
+    )
+    _, doubts = reconcile([*sides, base], force=force, verb="merge them")
+    for label, adapter in zip(labels, adapters, strict=True):
         blocking = delta_blockers(adapter.config)
         if blocking:
             raise UnsupportedAdapterError(
-                f"{_label(adapter, i)} sets {blocking[0]!r}: its weight change is not scaling * B @ A, "
-                "so it cannot be merged"
+                f"{label} sets {blocking[0]!r}: its weight change is not scaling * B @ A, so it cannot be merged"
             )
         carried = carried_features(adapter.config)
         if carried:
             raise UnsupportedAdapterError(
-                f"{_label(adapter, i)} sets {carried[0]!r}, which brings weights beyond the LoRA factors; "
-                "merge cannot apply it"
+                f"{label} sets {carried[0]!r}, which brings weights beyond the LoRA factors; merge cannot apply it"
             )
-    if not any_fingerprint and len(names) > 1 and not force:
-        raise IncompatibleAdaptersError(
-            f"adapters name different base models ({', '.join(sorted(names))}); use --force to merge them anyway"
-        )
+    return doubts
 
 
 def _build_targets(
@@ -308,15 +312,20 @@ def plan_merge(
     code = parse_dtype(dtype)
     headers = read_base_headers(base)
     fp = fingerprint(base)
-    _check_adapters(adapters, fp.structure_digest, base, force)
     try:
         config = read_base_config(base)
     except BaseModelError:
         if code is not None:
             raise  # its dtype must be rewritten
         config = None  # copied as it is; only the tie default is lost
+    doubts = _check_adapters(adapters, fp, config, base, force)
+    labels = [_label(adapter, i) for i, adapter in enumerate(adapters)]
+    check_finite_factors(adapters, labels)
     tied = tied_embedding(fp.tensors, config)
     targets, warnings = _build_targets(adapters, values, fp.tensors, tied, base)
+    # A tensor's additions run in float64 when it or its output is float64, else in float32: the tighter range decides.
+    wide = bool(targets) and all("F64" in (fp.tensors[key][0], code) for key in targets)
+    check_weight_range(adapters, values, labels, torch_dtype("F64" if wide else "F32"))
     owner = {name: (path, header) for path, header in headers.items() for name in header.tensors}
 
     def read(name: str) -> torch.Tensor:
@@ -339,7 +348,7 @@ def plan_merge(
         index=index,
         copy_files=copy,
         skipped_files=skipped,
-        warnings=warnings,
+        warnings=[*doubts, *warnings],
     )
 
 

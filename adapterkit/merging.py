@@ -159,17 +159,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    import torch
+    from adapterkit.devices import resolve_device
 
-    if device is None:
-        return torch.device("cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"device {str(device)!r} is not a torch device ({exc})") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {str(device)!r} is not available (torch sees no CUDA GPU)")
-    return chosen
+    return resolve_device(device)
 
 
 def merge(
@@ -199,11 +191,13 @@ def merge(
     out = Path(out_dir)
     if out.exists() or out.is_symlink():
         raise InvalidInputError(f"{out}: already exists; merge writes a new folder")
+    if not out.parent.is_dir():
+        # Creating the parents would hide a typo in the path (a whole new tree under the wrong name).
+        raise InvalidInputError(f"{out}: the folder it goes in, {out.parent}, does not exist; create it first")
     chosen = _device(device)
     plan = plan_merge(adapters, weights, base_dir, dtype=dtype, force=force)
     tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:12]}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as exc:
         raise InvalidInputError(f"{out}: cannot create it ({exc.strerror or type(exc).__name__})") from None

@@ -66,7 +66,9 @@ from adapterkit.errors import (
     SyncError,
     UnknownRemoteError,
 )
+from adapterkit.peft_io import WEIGHTS_NAME
 from adapterkit.remotes.base import Progress, TransferResult
+from adapterkit.safetensors_io import TensorScan, scanned
 from adapterkit.store import Ref, Store, parse_ref, parse_tag_ref
 from adapterkit.store.documents import Layer, canonical_json, parse_manifest, parse_metadata
 from adapterkit.store.names import DIGEST_RE
@@ -903,7 +905,11 @@ class FsspecRemote:
                 if _have(store, layer):
                     skipped += layer.size
                     continue
-                store.blobs.put(_remote_chunks(root.read("blobs", layer.digest), layer, where, progress))
+                chunks = _remote_chunks(root.read("blobs", layer.digest), layer, where, progress)
+                if layer.title == WEIGHTS_NAME:
+                    # A NaN never enters the store; deferred so that a damaged download is reported as such.
+                    chunks = scanned(chunks, TensorScan(f"{where}: {WEIGHTS_NAME}", defer=True))
+                store.blobs.put(chunks)
                 received += layer.size
             try:
                 parse_metadata(store.blobs.read(config.digest, config.size), f"metadata of {digest} from {root}")

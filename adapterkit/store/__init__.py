@@ -2,7 +2,7 @@
 
 from adapterkit.store.gc import GcReport, parse_duration
 from adapterkit.store.names import Ref, parse_ref, parse_tag_ref
-from adapterkit.store.store import AddResult, Store, default_store_path
+from adapterkit.store.store import AddResult, Store, TagResult, default_store_path
 from adapterkit.store.verify import Problem, VerifyReport
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Problem",
     "Ref",
     "Store",
+    "TagResult",
     "VerifyReport",
     "default_store_path",
     "parse_duration",

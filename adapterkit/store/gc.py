@@ -53,6 +53,9 @@ class GcReport:
     removed: list[tuple[str, int]] = field(default_factory=list)
     kept_manifests: int = 0
     kept_blobs: int = 0
+    #: Of those kept, objects no ref or recent reflog entry reaches: kept only because they are younger than the grace.
+    young_manifests: int = 0
+    young_blobs: int = 0
 
     @property
     def freed_bytes(self) -> int:
@@ -64,6 +67,7 @@ class GcReport:
             "removed": [{"path": path, "size": size} for path, size in self.removed],
             "freed_bytes": self.freed_bytes,
             "kept": {"manifests": self.kept_manifests, "blobs": self.kept_blobs},
+            "kept_unreachable": {"manifests": self.young_manifests, "blobs": self.young_blobs},
         }
 
 
@@ -72,7 +76,7 @@ def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
     report = GcReport(dry_run=dry_run)
     if not store.initialised():
         return report  # nothing was ever written: don't create lock files in someone's directory
-    with gc_lock(store.root / "locks", exclusive=True, timeout=store.lock_timeout):
+    with gc_lock(store.root / "locks", exclusive=True, timeout=store.lock_timeout, read_only=dry_run):
         now = time.time()
         cutoff = now - grace
         refs: dict[str, str] = {}
@@ -110,11 +114,17 @@ def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
         roots = set(refs) | recent
 
         live_blobs: set[str] = set()
+        rooted_blobs: set[str] = set()  # reached from a ref or a recent reflog entry, not just kept for age
         doomed_manifests = []
         for digest, (path, blobs) in manifests.items():
-            if digest in roots or _mtime(path) >= cutoff:
+            if digest in roots:
+                live_blobs |= blobs
+                rooted_blobs |= blobs
+                report.kept_manifests += 1
+            elif _mtime(path) >= cutoff:
                 live_blobs |= blobs
                 report.kept_manifests += 1
+                report.young_manifests += 1
             else:
                 doomed_manifests.append(path)
         doomed_blobs = []
@@ -123,6 +133,7 @@ def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
                 continue
             if digest in live_blobs or _mtime(path) >= cutoff:
                 report.kept_blobs += 1
+                report.young_blobs += digest not in rooted_blobs
             else:
                 doomed_blobs.append(path)
         doomed_temp = (

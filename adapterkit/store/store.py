@@ -23,12 +23,14 @@ store leave it untouched, so pointing ``--store`` at the wrong directory cannot 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +49,7 @@ from adapterkit.errors import (
 from adapterkit.fingerprint import fingerprint, read_base_config, resolve_target, tied_embedding
 from adapterkit.lora_config import ModuleSpec, describe_modules, validate_lora_config
 from adapterkit.peft_io import CONFIG_NAME, README_NAME, WEIGHTS_NAME, AdapterFolder, config_bytes, open_folder
-from adapterkit.safetensors_io import iter_canonical_bytes
+from adapterkit.safetensors_io import TensorScan, iter_canonical_bytes, scanned
 from adapterkit.store.documents import Layer, build_manifest, build_metadata, canonical_json, parse_manifest
 from adapterkit.store.documents import parse_metadata as _parse_metadata
 from adapterkit.store.fsutil import replace_atomic
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
     from adapterkit.store.gc import GcReport
     from adapterkit.store.verify import VerifyReport
 
-__all__ = ["STORE_FORMAT_VERSION", "AddResult", "Store", "default_store_path"]
+__all__ = ["STORE_FORMAT_VERSION", "AddResult", "Store", "TagResult", "default_store_path"]
 
 STORE_FORMAT_VERSION = 1
 #: What a first writer killed before ``store.json`` appeared can leave behind (see ``writing``).
@@ -83,6 +85,18 @@ class AddResult:
     #: Bytes the store did not hold before (0 when re-adding a stored adapter).
     new_bytes: int
     info: dict[str, Any] = field(default_factory=dict)
+    #: The digest the ref pointed at before, when this moved it to another adapter; else None.
+    previous: str | None = None
+
+
+@dataclass(frozen=True)
+class TagResult:
+    """What :meth:`Store.update_tag` did."""
+
+    ref: str
+    digest: str
+    #: The digest ``ref`` pointed at before, when this moved it to another adapter; else None.
+    previous: str | None = None
 
 
 class Store:
@@ -168,13 +182,20 @@ class Store:
         tag: str | None = None,
         *,
         base: str | os.PathLike[str] | None = None,
+        base_content: bool = False,
         progress: Progress | None = None,
     ) -> AddResult:
         """Import the PEFT adapter folder at ``path`` and point ``tag`` (``name[:tag]``) at it.
 
         With ``base``, the base model's fingerprint is recorded and every module is checked
-        against the base's tensors. Re-adding an adapter writes nothing new and returns the
-        same digest.
+        against the base's tensors; ``base_content`` also records the base's content digest
+        (which reads every byte of the base), so that adapters for two bases of one architecture
+        but different weights are told apart. Re-adding an adapter writes nothing new and
+        returns the same digest.
+
+        A tensor holding NaN or infinity is refused (:class:`~adapterkit.errors.NonFiniteError`,
+        checked while the weights are hashed); an adapter whose every module is zero is stored,
+        with a warning.
         """
         target = parse_tag_ref(tag) if tag is not None else None
         folder = open_folder(path)
@@ -185,8 +206,11 @@ class Store:
             shapes = {name: (t.dtype, t.shape) for name, t in folder.header.tensors.items()}
             weights_chunks = iter_canonical_bytes(folder.weights_path, folder.header)
             st_metadata = folder.header.metadata
-        modules, extras, _ = folder.describe(shapes)
-        base_model = _base_model_entry(folder.config, modules, base)
+        modules, extras, prefix = folder.describe(shapes)
+        # Checked in the pass that hashes the weights: a NaN or infinity is refused before the blob is published.
+        scan = TensorScan(str(folder.weights_path))
+        weights_chunks = scanned(weights_chunks, scan)
+        base_model = _base_model_entry(folder.config, modules, base, content=base_content)
         metadata = build_metadata(
             peft_config=folder.config,
             modules=modules,
@@ -202,9 +226,17 @@ class Store:
             readme = folder.readme.read_bytes() if folder.readme else None
         except OSError as exc:
             raise AdapterFormatError(f"{folder.readme}: cannot read ({exc.strerror or exc})") from None
-        return self._publish(
+        result = self._publish(
             metadata_bytes, peft_config, weights_chunks, readme, target, f"add {folder.path}", progress=progress
         )
+        zero = scan.zero_tensors
+        if modules and all(spec.a_key(prefix) in zero or spec.b_key(prefix) in zero for spec in modules):
+            warnings.warn(
+                f"adapterkit: {folder.path}: every module's lora_B (or lora_A) is all zeros, so this adapter "
+                "changes nothing (saved before training?)",
+                stacklevel=2,
+            )
+        return result
 
     def put(self, adapter: Adapter, tag: str | None = None, *, message: str = "put") -> AddResult:
         """Store an in-memory adapter (a blend from ``compose``, or one loaded and edited).
@@ -240,7 +272,8 @@ class Store:
         metadata_bytes = canonical_json(metadata, source="adapter metadata")
         peft_config = config_bytes(adapter.config)
         weights = tensors_to_bytes(tensors)
-        return self._publish(metadata_bytes, peft_config, [weights], None, target, message)
+        scan = TensorScan("the adapter to store")
+        return self._publish(metadata_bytes, peft_config, scanned([weights], scan), None, target, message)
 
     def _publish(
         self,
@@ -254,13 +287,14 @@ class Store:
         progress: Progress | None = None,
     ) -> AddResult:
         """Under the writer lock: publish the adapter's objects, then point ``target`` at it."""
+        previous = None
         with self.writing():
             digest, new_bytes = self._commit(metadata_bytes, peft_config_bytes, weights_chunks, readme, progress)
             if target is not None:
-                self._set_ref(target.name, target.tag, digest, message)
+                previous = self._set_ref(target.name, target.tag, digest, message)
             info = self.describe(digest)  # under the lock: an untagged adapter is gc-able once it is released
         ref = f"{target.name}:{target.tag}" if target else digest
-        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info)
+        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info, previous=previous)
 
     def _commit(
         self,
@@ -287,30 +321,56 @@ class Store:
         new_bytes += manifest.size if manifest.created else 0
         return manifest.digest, new_bytes
 
-    def _set_ref(self, name: str, tag: str, digest: str, message: str) -> None:
-        self.refs.update(name, tag, digest, expected=ANY, message=message)
+    def _set_ref(self, name: str, tag: str, digest: str, message: str) -> str | None:
+        """Point ``name:tag`` at ``digest``; returns what it pointed at before when that was another adapter."""
+        old = self.refs.update(name, tag, digest, expected=ANY, message=message)
+        return old if old != digest else None
 
     def tag(self, ref: str, new_ref: str) -> str:
-        """Point ``new_ref`` (``name[:tag]``) at the adapter ``ref`` resolves to."""
+        """Point ``new_ref`` (``name[:tag]``) at the adapter ``ref`` resolves to; returns its digest."""
+        return self.update_tag(ref, new_ref).digest
+
+    def update_tag(self, ref: str, new_ref: str) -> TagResult:
+        """:meth:`tag`, also saying which adapter ``new_ref`` named before when this moved it (as ``rm`` does)."""
         target = parse_tag_ref(new_ref)
         self.resolve(ref)  # fail before the store is touched; resolved again under the lock below
         with self.writing():
             digest = self.resolve(ref)  # gc cannot remove it now, until the ref is written
-            self._set_ref(target.name, target.tag, digest, f"tag {ref}")
-        return digest
+            previous = self._set_ref(target.name, target.tag, digest, f"tag {ref}")
+        return TagResult(ref=f"{target.name}:{target.tag}", digest=digest, previous=previous)
 
     def remove(self, ref: str) -> str:
         """Remove the ref ``name[:tag]`` (the adapter's data stays until gc); returns its digest."""
-        parsed = parse_ref(ref)
-        if parsed.name is None or parsed.tag is None:
-            raise InvalidReferenceError(f"{ref!r}: rm removes refs; give NAME[:TAG]")
+        return self.remove_refs([ref])[0][1]
+
+    def remove_refs(self, refs: Sequence[str]) -> list[tuple[str, str]]:
+        """Remove several refs, all or none: each is checked (a ``name[:tag]`` that exists) before any goes.
+
+        Returns ``(name:tag, digest it pointed at)`` per ref removed, in the order given (a ref
+        named twice is removed once). The adapters' data stays until gc finds nothing pointing at it.
+        """
+        targets: dict[tuple[str, str], str] = {}
+        for ref in refs:
+            parsed = parse_ref(ref)
+            if parsed.name is None or parsed.tag is None:
+                raise InvalidReferenceError(f"{ref!r}: rm removes refs; give NAME[:TAG]")
+            targets.setdefault((parsed.name, parsed.tag), ref)
+        if not targets:
+            return []
         if not self.initialised():
-            raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}")
+            name, tag = next(iter(targets))
+            raise ReferenceNotFoundError(f"no ref {name}:{tag} in {self.root}")
+        removed = []
         with self.writing():
-            try:
-                return self.refs.delete(parsed.name, parsed.tag, message=f"rm {ref}")
-            except ReferenceNotFoundError:
-                raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}") from None
+            for name, tag in targets:
+                if self.refs.read(name, tag) is None:  # a corrupt ref raises here too: nothing is removed
+                    raise ReferenceNotFoundError(f"no ref {name}:{tag} in {self.root}")
+            for (name, tag), ref in targets.items():
+                try:
+                    removed.append((f"{name}:{tag}", self.refs.delete(name, tag, message=f"rm {ref}")))
+                except ReferenceNotFoundError:  # another process removed it since the check
+                    raise ReferenceNotFoundError(f"no ref {name}:{tag} in {self.root}") from None
+        return removed
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -411,12 +471,20 @@ class Store:
     def show(self, ref: str) -> dict[str, Any]:
         return self.describe(self.resolve(ref))
 
-    def list(self) -> list[dict[str, Any]]:
-        """One summary per adapter that a ref points at, ordered by its first ref."""
+    def list(self, pattern: str | None = None) -> list[dict[str, Any]]:
+        """One summary per adapter that a ref points at, ordered by its first ref.
+
+        ``pattern`` keeps only the refs it matches, as a shell glob (``*``, ``?``, ``[...]``; ``*``
+        also matches ``/``): against ``name:tag`` when it holds a ``:`` (``*:v1``), else against the
+        name (``demo/*``). An adapter is listed with its matching refs only, and not at all without one.
+        """
         if not self.root.exists():
             return []
         self._check_format()
         by_digest = self.refs_by_digest()
+        if pattern is not None:
+            matching = {digest: [ref for ref in refs if _matches(ref, pattern)] for digest, refs in by_digest.items()}
+            by_digest = {digest: refs for digest, refs in matching.items() if refs}
         out = []
         for digest, refs in by_digest.items():
             try:
@@ -471,6 +539,25 @@ class Store:
             for e in self.refs.reflog(parsed.name, parsed.tag)
         ]
 
+    def history(self, ref: str) -> list[dict[str, Any]]:
+        """What ``adapterkit log`` prints: every change of the ref ``name[:tag]``, newest first, from its reflog.
+
+        Each entry has ``ref``, ``digest`` (what the ref pointed at after the change; None when it
+        was removed), ``previous`` (before it; None when it was created), ``time`` (Unix seconds)
+        and ``operation`` (the command that made it, such as ``add PATH`` or ``tag REF``). A
+        removed ref keeps its history until its reflog is deleted.
+        """
+        parsed = parse_tag_ref(ref)
+        self._check_format()
+        name = f"{parsed.name}:{parsed.tag}"
+        entries = [
+            {"ref": name, "digest": e.new, "previous": e.old, "time": e.time, "operation": e.message}
+            for e in self.refs.reflog(parsed.name, parsed.tag)
+        ]
+        if not entries:
+            raise ReferenceNotFoundError(f"no history for ref {name} in {self.root}")
+        return entries[::-1]
+
     # -- maintenance ------------------------------------------------------------------------------
 
     def verify(self, *, full: bool = False, progress: Progress | None = None) -> VerifyReport:
@@ -490,6 +577,11 @@ class Store:
             return collect(self, grace=grace, dry_run=dry_run)
         except OSError as exc:
             raise StoreError(f"cannot gc store {self.root}: {exc.strerror or exc}") from None
+
+
+def _matches(ref: str, pattern: str) -> bool:
+    """Whether ``name:tag`` matches the glob ``pattern`` (see :meth:`Store.list`)."""
+    return fnmatch.fnmatchcase(ref if ":" in pattern else ref.rsplit(":", 1)[0], pattern)
 
 
 def _copy_verified(source: Path, target: Path, layer: Layer, progress: Progress | None) -> None:
@@ -523,15 +615,17 @@ def _bin_weights(folder: AdapterFolder) -> tuple[list[bytes], dict[str, tuple[st
 
 
 def _base_model_entry(
-    config: dict[str, Any], modules: list[ModuleSpec], base: str | os.PathLike[str] | None
+    config: dict[str, Any], modules: list[ModuleSpec], base: str | os.PathLike[str] | None, *, content: bool = False
 ) -> dict[str, Any] | None:
     name = config.get("base_model_name_or_path")
     revision = config.get("revision")
     if base is None:
+        if content:
+            raise InvalidInputError("recording the base's content digest needs the base model folder (--base)")
         if name is None:
             return None
         return {"name": str(name), "revision": revision, "structure_digest": None}
-    fp = fingerprint(base)
+    fp = fingerprint(base, content=content)
     tied = tied_embedding(fp.tensors, read_base_config(base))  # an lm_head tied to the embedding is not stored
     for module in modules:
         key, _ = resolve_target(module.name, fp.tensors, tied)
@@ -543,8 +637,11 @@ def _base_model_entry(
                 f"{base}: {key} is {list(shape)} but adapter module {module.name!r} changes a "
                 f"{list(module.base_shape)} weight"
             )
-    return {
+    entry = {
         "name": str(name) if name is not None else None,
         "revision": revision,
         "structure_digest": fp.structure_digest,
     }
+    if fp.content_digest is not None:
+        entry["content_digest"] = fp.content_digest
+    return entry

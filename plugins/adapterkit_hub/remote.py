@@ -54,6 +54,7 @@ from adapterkit.errors import (
 )
 from adapterkit.peft_io import BIN_NAME, CONFIG_NAME, README_NAME, WEIGHTS_NAME
 from adapterkit.remotes.base import Progress, TransferResult
+from adapterkit.safetensors_io import TensorScan, scanned
 from adapterkit.store import Store, parse_tag_ref
 from adapterkit.store.documents import parse_manifest, parse_metadata
 from adapterkit_hub.card import model_card
@@ -429,7 +430,7 @@ class HubRemote:
         for layer in layers:
             own = f"{META_DIR}/{layer.title}"
             wanted.append((own if own in files else layer.title, layer))
-        fetched: list[tuple[Path, str]] = []
+        fetched: list[tuple[Path, str, str]] = []
         for path, layer in wanted:
             if store.blobs.exists(layer.digest):
                 fetch.skipped += layer.size
@@ -445,10 +446,13 @@ class HubRemote:
                 raise _StaleManifest(f"{path} no longer matches {MANIFEST_PATH}")
             if path == METADATA_PATH:
                 parse_metadata(local.read_bytes(), f"{fetch.at}: {METADATA_PATH}")
-            fetched.append((local, layer.digest))
+            fetched.append((local, layer.digest, path))
         with store.writing():
-            for local, expected in fetched:
-                stored = store.blobs.put(_file_chunks(local))
+            for local, expected, path in fetched:
+                chunks: Iterator[bytes] = _file_chunks(local)
+                if path.endswith(WEIGHTS_NAME):  # a NaN or infinity never enters the store
+                    chunks = scanned(chunks, TensorScan(f"{fetch.at}: {path}"))
+                stored = store.blobs.put(chunks)
                 if stored.digest != expected:  # the temp file changed under us
                     raise IntegrityError(f"{fetch.at}: downloaded {expected} changed before it was stored; pull again")
             for _, layer in wanted:
