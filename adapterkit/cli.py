@@ -510,8 +510,8 @@ def gc(ctx: click.Context, dry_run: bool, grace: str) -> None:
         young = report.young_manifests + report.young_blobs
         if young:
             lines.append(
-                f"kept {young} unreachable {_plural(young, 'object')} younger than the grace period ({grace}); "
-                "--grace 0s removes them now"
+                f"kept {young} unreachable {_plural(young, 'object')}: no ref points at them, but the grace period "
+                f"({grace}) has not passed since they were written or unreferenced; --grace 0s removes them now"
             )
         return "\n".join(lines)
 

@@ -227,7 +227,9 @@ def compose(
     factor_dtypes = {m.A.dtype for a in adapters for m in a.modules.values()}
     out_dtype = dtype or (factor_dtypes.pop() if len(factor_dtypes) == 1 else torch.float32)
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-    check_weight_range(adapters, weights, labels, compute)
+    # The maths runs in ``compute``; PEFT later multiplies the stored factors in their own dtype (float16's range
+    # is far narrower): a weight must fit both.
+    check_weight_range(adapters, weights, labels, min(compute, out_dtype, key=lambda d: torch.finfo(d).max))
 
     names = sorted({name for adapter in adapters for name in adapter.modules})
     modules: dict[str, LoraModule] = {}

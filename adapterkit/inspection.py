@@ -482,7 +482,7 @@ def plan_compose(
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
     identity = chosen.name == "linear" and len(adapters) == 1 and values[0] == 1.0
     if not identity:
-        check_weight_range(adapters, values, labels, compute)
+        check_weight_range(adapters, values, labels, min(compute, out_dtype, key=lambda d: torch.finfo(d).max))
     if identity:
         out_dtype = None  # the parent itself, factors untouched
     notes: list[str] = []

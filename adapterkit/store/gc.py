@@ -53,7 +53,7 @@ class GcReport:
     removed: list[tuple[str, int]] = field(default_factory=list)
     kept_manifests: int = 0
     kept_blobs: int = 0
-    #: Of those kept, objects no ref or recent reflog entry reaches: kept only because they are younger than the grace.
+    #: Of those kept, objects no ref reaches: kept by the grace period (a recent reflog entry, or their own age).
     young_manifests: int = 0
     young_blobs: int = 0
 
@@ -114,17 +114,16 @@ def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
         roots = set(refs) | recent
 
         live_blobs: set[str] = set()
-        rooted_blobs: set[str] = set()  # reached from a ref or a recent reflog entry, not just kept for age
+        referenced_blobs: set[str] = set()  # reached from a ref; the rest is kept only by the grace period
         doomed_manifests = []
         for digest, (path, blobs) in manifests.items():
-            if digest in roots:
-                live_blobs |= blobs
-                rooted_blobs |= blobs
-                report.kept_manifests += 1
-            elif _mtime(path) >= cutoff:
+            if digest in roots or _mtime(path) >= cutoff:
                 live_blobs |= blobs
                 report.kept_manifests += 1
-                report.young_manifests += 1
+                if digest in refs:
+                    referenced_blobs |= blobs
+                else:
+                    report.young_manifests += 1  # a recent reflog entry or its own age keeps it
             else:
                 doomed_manifests.append(path)
         doomed_blobs = []
@@ -133,7 +132,7 @@ def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
                 continue
             if digest in live_blobs or _mtime(path) >= cutoff:
                 report.kept_blobs += 1
-                report.young_blobs += digest not in rooted_blobs
+                report.young_blobs += digest not in referenced_blobs
             else:
                 doomed_blobs.append(path)
         doomed_temp = (
