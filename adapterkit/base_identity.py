@@ -100,53 +100,80 @@ def _short(digest: str) -> str:
 
 
 def _conflict(a: BaseIdentity, b: BaseIdentity, verb: str) -> Exception | str | None:
-    """An error for a pair that disagrees, a warning (str) for one that is accepted with a doubt, else None."""
-    error = BaseModelError if a.is_base or b.is_base else IncompatibleAdaptersError
-    force = f"use --force to {verb} anyway"
+    """An error for a pair that disagrees, a warning (str) for one that is accepted with a doubt, else None.
+
+    A pair that involves the base itself (``is_base``) is a :class:`BaseModelError`; two adapters
+    that disagree are :class:`IncompatibleAdaptersError`.
+    """
+    if b.is_base and not a.is_base:
+        return _against_base(a, b, verb)
+    if a.is_base and not b.is_base:
+        return _against_base(b, a, verb)
     if a.structure_digest and b.structure_digest and a.structure_digest != b.structure_digest:
-        if a.is_base or b.is_base:
-            adapter, base = (b, a) if a.is_base else (a, b)
-            return error(
-                f"{adapter.label} was made for base {_short(adapter.structure_digest or '')}, but {base.label} is "
-                f"{_short(base.structure_digest or '')} (structure fingerprints differ); {force}"
-            )
-        return error(
+        return IncompatibleAdaptersError(
             f"adapters were made for different base models (fingerprints {_short(a.structure_digest)} of "
-            f"{a.label}, {_short(b.structure_digest)} of {b.label}); {force}"
+            f"{a.label}, {_short(b.structure_digest)} of {b.label}); use --force to {verb} them anyway"
         )
     if a.content_digest and b.content_digest and a.content_digest != b.content_digest:
-        return error(
-            f"{a.label} and {b.label} are for bases of one structure but different weights (content digests "
-            f"{_short(a.content_digest)} and {_short(b.content_digest)}); {force}"
+        return IncompatibleAdaptersError(
+            f"{a.label} and {b.label} were made for bases of one structure but different weights (content "
+            f"digests {_short(a.content_digest)} and {_short(b.content_digest)}); use --force to {verb} them anyway"
         )
+    if not _names_differ(a, b):
+        return None
+    if a.structure_digest and b.structure_digest:
+        return _doubt(a, b)
+    return IncompatibleAdaptersError(
+        f"adapters name different base models ({a.name}, {b.name}) and no fingerprints show they are one "
+        f"model; use --force to {verb} them anyway"
+    )
+
+
+def _against_base(adapter: BaseIdentity, base: BaseIdentity, verb: str) -> Exception | str | None:
+    """:func:`_conflict` for an adapter's record of its base held against the base itself."""
+    if adapter.structure_digest and base.structure_digest and adapter.structure_digest != base.structure_digest:
+        return BaseModelError(
+            f"{adapter.label} was made for base {_short(adapter.structure_digest)}, but {base.label} is "
+            f"{_short(base.structure_digest)} (structure fingerprints differ); use --force to {verb} anyway"
+        )
+    if adapter.content_digest and base.content_digest and adapter.content_digest != base.content_digest:
+        return BaseModelError(
+            f"{adapter.label} was made for base weights {_short(adapter.content_digest)}, but {base.label} holds "
+            f"{_short(base.content_digest)} (one structure, different weights); use --force to {verb} anyway"
+        )
+    if not _names_differ(adapter, base):
+        return None
+    if adapter.structure_digest and base.structure_digest:
+        return _doubt(adapter, base)
+    return BaseModelError(
+        f"{adapter.label} names base model {adapter.name!r} but {base.label} is {base.name!r}, and no fingerprints "
+        f"show they are one model; use --force to {verb} anyway"
+    )
+
+
+def _names_differ(a: BaseIdentity, b: BaseIdentity) -> bool:
+    """Both name a Hub repository, different ones, and no pair of equal content digests says they are one."""
     first, second = repo_id(a.name), repo_id(b.name)
     if first is None or second is None or first == second:
-        return None
-    if a.content_digest and b.content_digest:
-        return None  # equal weights, checked above: one base under two names
-    if a.structure_digest and b.structure_digest:
-        return (
-            f"{a.label} names base model {a.name!r} and {b.label} names {b.name!r}: their structure fingerprints "
-            "match, but their weights may differ (a fine-tune of the same architecture?)"
-        )
-    if a.is_base or b.is_base:
-        return error(
-            f"{a.label} names base model {a.name!r} but {b.label} is {b.name!r}, and no fingerprints show they "
-            f"are one model; {force}"
-        )
-    return error(
-        f"adapters name different base models ({a.name}, {b.name}) and no fingerprints show they are one model; {force}"
+        return False
+    return not (a.content_digest and b.content_digest)  # equal (checked first): one base under two names
+
+
+def _doubt(a: BaseIdentity, b: BaseIdentity) -> str:
+    return (
+        f"{a.label} names base model {a.name!r} and {b.label} names {b.name!r}: their structure fingerprints "
+        "match, but their weights may differ (a fine-tune of the same architecture?)"
     )
 
 
 def reconcile(
-    sides: Sequence[BaseIdentity], *, force: bool = False, verb: str = "blend them"
+    sides: Sequence[BaseIdentity], *, force: bool = False, verb: str = "blend"
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """Check every pair of ``sides`` (see the module docstring); returns the result's base entry and warnings.
 
     Raises :class:`~adapterkit.errors.IncompatibleAdaptersError` for two adapters that disagree,
     :class:`~adapterkit.errors.BaseModelError` when one side is the base itself, unless ``force``.
-    ``verb`` completes the advice "use --force to VERB anyway". Warnings are plain sentences,
+    ``verb`` completes the advice "use --force to VERB [them] anyway". Warnings are plain sentences,
     one per pair of names, for the caller to show.
     """
     warnings: dict[frozenset[str | None], str] = {}  # one per pair of names, however many sides carry them

@@ -371,7 +371,9 @@ def tag(ctx: click.Context, ref: str, new_ref: str) -> None:
 @click.pass_context
 def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
     """Remove refs: all of them, or none when one is missing. The adapters' data stays until `gc` finds nothing
-    pointing at it."""
+    pointing at it.
+
+    With --json: one object for one ref (as before rm took several), a list of them for several."""
     removed = _store(ctx).remove_refs(refs)
     document: Any = [{"removed": ref, "digest": digest} for ref, digest in removed]
     if len(refs) == 1:

@@ -78,7 +78,7 @@ def check_compatible(adapters: Sequence[Adapter], *, force: bool = False) -> dic
     """
     labels = [adapter_label(adapter, i) for i, adapter in enumerate(adapters)]
     sides = [BaseIdentity.of_adapter(adapter, label) for adapter, label in zip(adapters, labels, strict=True)]
-    base_model, doubts = reconcile(sides, force=force, verb="blend them")
+    base_model, doubts = reconcile(sides, force=force, verb="blend")
     for doubt in doubts:
         warnings.warn(f"adapterkit: {doubt}", stacklevel=3)
     for adapter, label in zip(adapters, labels, strict=True):

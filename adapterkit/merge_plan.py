@@ -167,7 +167,7 @@ def _check_adapters(
         content_digest=content,
         is_base=True,
     )
-    _, doubts = reconcile([*sides, base], force=force, verb="merge them")
+    _, doubts = reconcile([*sides, base], force=force, verb="merge")
     for label, adapter in zip(labels, adapters, strict=True):
         blocking = delta_blockers(adapter.config)
         if blocking:

@@ -314,7 +314,7 @@ class TensorScan:
         self._position = 0  # bytes of the stream seen
         self._carry = b""  # the start of an element split between chunks
         self._slot = 0
-        self._found: str | None = None
+        self._found: NonFiniteError | None = None
         self._broken = False
 
     @property
@@ -349,7 +349,7 @@ class TensorScan:
     def finish(self) -> None:
         """Raise the refusal a deferred scan found (call once the stream has ended)."""
         if self._found is not None:
-            raise NonFiniteError(self._found)
+            raise self._found
 
     def _read_header(self, data: memoryview) -> memoryview:
         need = 8 if self._header_end is None else self._header_end
@@ -394,12 +394,12 @@ class TensorScan:
         bad = np.bitwise_and(values, exponent) == exponent
         if bad.any() and self._found is None:
             index = start // size + int(np.flatnonzero(bad)[0])
-            self._found = (
+            self._found = NonFiniteError(
                 f"{self.source}: tensor {slot.name!r} holds a non-finite value (NaN or infinity) at element "
                 f"{index}; adapterkit never stores one (is the adapter damaged, or did training diverge?)"
             )
             if not self.defer:
-                raise NonFiniteError(self._found)
+                raise self._found
         if not slot.nonzero and np.bitwise_and(values, magnitude).any():
             slot.nonzero = True
 

@@ -84,7 +84,7 @@ def _check(adapters: Sequence[Adapter], weights: list[float], model: Any, force:
 
     labels = [f"adapter {i + 1}" + (f" ({a.digest[:19]})" if a.digest else "") for i, a in enumerate(adapters)]
     sides = [BaseIdentity.of_adapter(adapter, label) for adapter, label in zip(adapters, labels, strict=True)]
-    _, doubts = reconcile([*sides, _model_identity(model)], force=force, verb="attach them")
+    _, doubts = reconcile([*sides, _model_identity(model)], force=force, verb="attach")
     for doubt in doubts:
         warnings.warn(f"adapterkit: {doubt}", stacklevel=3)
     check_finite_factors(adapters, labels)
