@@ -11,6 +11,7 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── SchemaValidationError    a document fails schemas/*.schema.json
     │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
     │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
+    │   ├── NonFiniteError           a NaN or infinity in a tensor, or a weight whose products overflow
     │   └── CompositionError         adapters that cannot be blended as asked
     │       ├── IncompatibleAdaptersError  different bases, or one module shaped differently
     │       └── UnknownStrategyError       no plugin registered that strategy
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidReferenceError",
     "MergeError",
+    "NonFiniteError",
     "PluginError",
     "RefConflictError",
     "RemoteConflictError",
@@ -90,6 +92,14 @@ class InvalidReferenceError(InvalidInputError):
 
 class BaseModelError(InvalidInputError):
     """A base-model folder cannot be read, or an adapter does not fit it."""
+
+
+class NonFiniteError(InvalidInputError):
+    """A tensor holds NaN or infinity, or a weight would make a result overflow its dtype; nothing was written.
+
+    adapterkit never stores or writes a non-finite value: one NaN in a factor spreads to every
+    entry of a module's delta, and a merged model with NaN weights loads and then emits garbage.
+    """
 
 
 class CompositionError(InvalidInputError):

@@ -108,7 +108,8 @@ def test_registry_commands_do_not_import_torch(store: Path) -> None:
     probe = (
         "import sys\n"
         "from adapterkit.cli import cli\n"
-        "for args in (['list'], ['show', 'team/a:v1'], ['verify'], ['tag', 'team/a:v1', 'team/c'], ['gc']):\n"
+        "for args in (['list'], ['list', 'team/*'], ['show', 'team/a:v1'], ['verify'],\n"
+        "             ['tag', 'team/a:v1', 'team/c'], ['log', 'team/c'], ['rm', 'team/c'], ['gc']):\n"
         "    cli.main(['--store', sys.argv[1], *args], standalone_mode=False)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "assert 'transformers' not in sys.modules\n"

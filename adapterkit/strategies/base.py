@@ -84,6 +84,8 @@ class ModuleCost:
     truncation_error: float | None = None
     #: False for a strategy that never truncates (its error is exactly zero, reported as None).
     truncates: bool = True
+    #: ``||result delta||_F``, where the strategy can tell without composing (a dry run then refuses an empty blend).
+    norm: float | None = None
 
 
 #: The parameters every truncating strategy takes.
