@@ -18,9 +18,8 @@ import pytest
 from click.testing import CliRunner
 from helpers import save_base, save_lora, tiny_llama
 
-from adapterkit import compose
+from adapterkit import compose, inspect, plan_compose
 from adapterkit.adapter.model import Adapter
-from adapterkit.analysis.spectra import inspect, plan_compose
 from adapterkit.base_identity import BaseIdentity, reconcile, repo_id
 from adapterkit.cli import cli
 from adapterkit.errors import BaseModelError, IncompatibleAdaptersError

@@ -18,9 +18,8 @@ import pytest
 import torch
 from helpers import save_base, save_lora, tiny_gpt2, tiny_llama
 
-from adapterkit import compose
+from adapterkit import compose, inspect, plan_compose
 from adapterkit.adapter.model import Adapter
-from adapterkit.analysis.spectra import inspect, plan_compose
 from adapterkit.composition.engine import EMPTY_TOLERANCE_ULPS, check_not_empty, delta_norm
 from adapterkit.errors import CompositionError, NonFiniteError, UnsupportedAdapterError
 from adapterkit.formats.peft import read_adapter
