@@ -159,7 +159,8 @@ def compose(
     from adapterkit.strategies.base import ModuleInput
 
     for name in names:
-        present = [(a.modules[name], w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
+        positions = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
+        present = [(adapters[i].modules[name], weights[i]) for i in positions]
         shape = _common_shape(name, [m.spec for m, _ in present])
         factors = [
             (
@@ -169,7 +170,11 @@ def compose(
             for m, _ in present
         ]
         module_input = ModuleInput(
-            name=name, factors=factors, weights=[w for _, w in present], ranks=[m.spec.r for m, _ in present]
+            name=name,
+            factors=factors,
+            weights=[w for _, w in present],
+            ranks=[m.spec.r for m, _ in present],
+            positions=positions,
         )
         try:
             result = chosen.function(module_input, **resolved)
