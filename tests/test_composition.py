@@ -265,7 +265,12 @@ def test_same_inputs_and_seed_give_the_same_digest(parents: list[Adapter], tmp_p
     assert first.digest == second.digest and second.new_bytes == 0
     assert other.digest != first.digest
     lineage = store.show("blend:first")["lineage"]
-    assert lineage["parameters"] == {"density": 0.5, "seed": 11, "majority_sign_method": "total", "elect_on": "weighted"}
+    assert lineage["parameters"] == {
+        "density": 0.5,
+        "seed": 11,
+        "majority_sign_method": "total",
+        "elect_on": "weighted",
+    }
 
 
 def test_a_stored_blend_loads_back_with_the_same_deltas(parents: list[Adapter], tmp_path: Path) -> None:

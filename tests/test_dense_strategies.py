@@ -90,7 +90,8 @@ def test_ties_equals_the_whole_matrix_reference(method: str, elect_on: str) -> N
     # a full-rank "truncation" keeps everything
     full = ties(m, density=0.4, majority_sign_method=method, elect_on=elect_on, rank=OUT)
     assert rel(dense(full), expected) <= 1e-10
-    other = ties_reference([trimmed(d, 0.4) for d in deltas(m)], WEIGHTS, method, ELECT_ON[1 - ELECT_ON.index(elect_on)])
+    flipped = ELECT_ON[1 - ELECT_ON.index(elect_on)]
+    other = ties_reference([trimmed(d, 0.4) for d in deltas(m)], WEIGHTS, method, flipped)
     assert rel(other, expected) > 0.1  # the two elections differ here (WEIGHTS has a negative weight)
 
 
