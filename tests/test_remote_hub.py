@@ -56,6 +56,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
 def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """huggingface_hub cut off from the machine's Hub settings: own HF_HOME, no token, not offline, no telemetry.
 
+    The test Hub has no Xet storage, so uploads take Git LFS: ``HF_HUB_DISABLE_XET=1``, as its users must set
+    (test_xet_without_a_write_token_is_one_clear_line shows what happens without it).
     Per test, so nothing leaks into other modules. The constants are patched too: huggingface_hub read
     them at import, possibly long before this fixture ran.
     """
@@ -64,8 +66,10 @@ def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
     home = tmp_path_factory.getbasetemp() / "hf-home"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_DISABLE_XET"):
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
@@ -170,10 +174,14 @@ def test_round_trip_exact_digest_and_peft_loads(fresh: HubServer, peft_folders: 
         METADATA_PATH,
         ".adapterkit/README.md",
     }
-    assert commit.received_bytes == pushed.transferred_bytes
+    # The weights went by Git LFS (a basic-transfer PUT of the stored blob), the rest inline in the commit.
+    layers = {layer.title: layer for layer in a.manifest(digest)[1]}
+    weights_sha = layers["adapter_model.safetensors"].digest.removeprefix("sha256:")
+    assert commit.lfs == {"adapter_model.safetensors": weights_sha} and commit.files["adapter_model.safetensors"] == 0
+    assert [(u.oid, u.size) for u in fresh.lfs_uploads] == [(weights_sha, layers["adapter_model.safetensors"].size)]
+    assert commit.received_bytes + sum(u.size for u in fresh.lfs_uploads) == pushed.transferred_bytes
     files = fresh.files_at(repo, "v1")
     assert file_sha(files[MANIFEST_PATH]) == digest
-    layers = {layer.title: layer for layer in a.manifest(digest)[1]}
     for title, layer in layers.items():
         hub_path = ".adapterkit/README.md" if title == "README.md" else title
         assert file_sha(files[hub_path]) == layer.digest
