@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
 import threading
@@ -297,6 +298,146 @@ def test_token_from_environment(
     monkeypatch.setenv("HF_TOKEN", "hf_test_secret")
     remote(fresh, f"hf://{repo}").push(store, digest, "tok", "latest")
     assert len(fresh.commits) == 1
+
+
+# -- the upload path of real pushes: Git LFS (and Xet, which this Hub lacks) ---------------------------------
+
+
+def test_large_adapter_goes_through_lfs_and_comes_back(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
+    """A 21 MB adapter: preupload says lfs, the weights travel by LFS batch + basic PUT, the commit names them by
+    an lfsFile line; the pull gets them from olah with the LFS sha256 as ETag; a later push of the same weights
+    uploads nothing, and the server holds each LFS object once."""
+    import httpx
+
+    store = Store(tmp_path / "s")
+    big = store.add(write_folder(tmp_path / "big", seed=1, dim=2048, r=64, modules=20), "big:v1").digest
+    other = store.add(write_folder(tmp_path / "other", seed=2, dim=64, modules=2), "big:v2").digest
+    weights = next(layer for layer in store.manifest(big)[1] if layer.title == "adapter_model.safetensors")
+    assert weights.size >= 20_000_000
+    sha = weights.digest.removeprefix("sha256:")
+    repo = repo_name("large")
+    hf = remote(fresh, f"hf://{repo}")
+    pushed = hf.push(store, big, "big", "v1")
+
+    [commit] = fresh.commits
+    assert commit.lfs == {"adapter_model.safetensors": sha}
+    assert commit.files["adapter_model.safetensors"] == 0  # not a byte of the weights inside the commit
+    assert [(u.repo_id, u.oid, u.size) for u in fresh.lfs_uploads] == [(repo, sha, weights.size)]
+    assert commit.received_bytes + weights.size == pushed.transferred_bytes
+    assert ("POST", f"/{repo}.git/info/lfs/objects/batch") in fresh.requests
+    assert not any("xet" in path for _, path in fresh.requests)
+
+    # The pull side: olah serves the file with its LFS sha256 as ETag, as the Hub does, and the digest survives.
+    head = httpx.head(f"{fresh.endpoint}/{repo}/resolve/main/adapter_model.safetensors", follow_redirects=False)
+    etag = head.headers.get("x-linked-etag") or head.headers["etag"]
+    assert etag.strip('"').removeprefix("W/").strip('"') == sha
+    pulled = Store(tmp_path / "pulled")
+    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == big and pulled.verify().ok
+    assert gets(fresh, "adapter_model.safetensors") == 1
+
+    # Another adapter, then the big one again: its weights are a new commit's lfsFile, but the batch API
+    # answers that the repository holds the object, so nothing is uploaded.
+    hf.push(store, other, "big", "v2")
+    fresh.reset()
+    again = hf.push(store, big, "big", "v1")
+    [recommit] = fresh.commits
+    assert recommit.lfs == {"adapter_model.safetensors": sha}
+    assert fresh.lfs_uploads == [] and not any(method == "PUT" for method, _ in fresh.requests)
+    assert again.transferred_bytes > 0  # what adapterkit sends to the commit; LFS deduplicates below it
+    objects = [p.name for p in fresh.lfs_objects(repo)]
+    assert sorted(objects) == sorted(set(objects)) and objects.count(sha) == 1 and len(objects) == 2
+    assert file_sha(fresh.files_at(repo)[MANIFEST_PATH]) == big
+
+
+def test_lfs_batch_api(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
+    """The server's own LFS endpoints: download by oid, unsigned or wrong uploads refused, verify."""
+    import httpx
+
+    store = Store(tmp_path / "s")
+    digest = store.add(write_folder(tmp_path / "f"), "x:latest").digest
+    repo = repo_name("batch")
+    remote(fresh, f"hf://{repo}").push(store, digest, "x", "latest")
+    weights = next(layer for layer in store.manifest(digest)[1] if layer.title == "adapter_model.safetensors")
+    oid, data = weights.digest.removeprefix("sha256:"), store.blobs.path(weights.digest).read_bytes()
+    batch = f"{fresh.endpoint}/{repo}.git/info/lfs/objects/batch"
+    missing = "0" * 64
+    reply = httpx.post(
+        batch,
+        json={
+            "operation": "download",
+            "transfers": ["basic"],
+            "objects": [{"oid": oid, "size": len(data)}, {"oid": missing, "size": 1}],
+        },
+    ).json()
+    found, absent = reply["objects"]
+    assert reply["transfer"] == "basic" and absent["error"]["code"] == 404
+    assert httpx.get(found["actions"]["download"]["href"]).content == data
+
+    new = b"new object" * 1000
+    new_oid = hashlib.sha256(new).hexdigest()
+    offer = httpx.post(
+        batch,
+        json={"operation": "upload", "objects": [{"oid": new_oid, "size": len(new)}, {"oid": oid, "size": len(data)}]},
+    ).json()
+    to_send, held = offer["objects"]
+    assert "actions" not in held  # the repository holds it: nothing to send
+    href = to_send["actions"]["upload"]["href"]
+    assert httpx.put(href.split("?")[0], content=new).status_code == 403  # not signed
+    assert httpx.put(href, content=new[:-1] + b"!").status_code == 400  # sha256 mismatch: not kept
+    verify = to_send["actions"]["verify"]["href"]
+    assert httpx.post(verify, json={"oid": new_oid, "size": len(new)}).status_code == 404
+    assert httpx.put(href, content=new).status_code == 200
+    assert httpx.post(verify, json={"oid": new_oid, "size": len(new)}).status_code == 200
+    assert [(u.oid, u.size) for u in fresh.lfs_uploads] == [(oid, len(data)), (new_oid, len(new))]
+
+
+def test_preupload_sends_large_files_to_lfs(fresh: HubServer) -> None:
+    import httpx
+
+    repo = repo_name("modes")
+    fresh.create_repo(repo)
+    files = [
+        {"path": "adapter_model.safetensors", "size": 10, "sample": ""},
+        {"path": "adapter_model.bin", "size": 10, "sample": ""},
+        {"path": "notes.txt", "size": 10 * 1024 * 1024, "sample": ""},
+        {"path": "big.txt", "size": 10 * 1024 * 1024 + 1, "sample": ""},
+    ]
+    reply = httpx.post(f"{fresh.endpoint}/api/models/{repo}/preupload/main", json={"files": files}).json()
+    assert {f["path"]: f["uploadMode"] for f in reply["files"]} == {
+        "adapter_model.safetensors": "lfs",
+        "adapter_model.bin": "lfs",
+        "notes.txt": "regular",
+        "big.txt": "lfs",
+    }
+
+
+def test_xet_without_a_write_token_is_one_clear_line(
+    fresh: HubServer, write_folder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf_xet is installed (a huggingface_hub dependency): without HF_HUB_DISABLE_XET the client uploads by Xet,
+    asks this Hub for a Xet write token and gets a 404. `adapterkit push` must say so in one line, with the way
+    out, and change nothing; with HF_HUB_DISABLE_XET=1 the same push goes through LFS."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("hf_xet") is not None
+    store = Store(tmp_path / "s")
+    digest = store.add(write_folder(tmp_path / "f"), "x:v1").digest
+    weights = next(layer for layer in store.manifest(digest)[1] if layer.title == "adapter_model.safetensors")
+    repo = repo_name("xet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"HF_ENDPOINT": fresh.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "adapterkit", "--store", str(store.root), "push", "x:v1", f"hf://{repo}"]
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert lines[0].startswith("Error: ") and "no Xet" in lines[0] and "HF_HUB_DISABLE_XET=1" in lines[0], lines[0]
+    assert ("GET", f"/api/models/{repo}/xet-write-token/main") in fresh.requests
+    assert fresh.commits == [] and fresh.lfs_uploads == []
+    done = subprocess.run(command, capture_output=True, text=True, env=env | {"HF_HUB_DISABLE_XET": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [c.lfs for c in fresh.commits] == [{"adapter_model.safetensors": weights.digest.removeprefix("sha256:")}]
 
 
 # -- pulling repositories adapterkit did not write ------------------------------------------------------------
