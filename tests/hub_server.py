@@ -180,7 +180,7 @@ LICENSES = frozenset(
 VALIDATED_RULES = (
     "the front matter is YAML and a mapping",
     "license, if present, is one of LICENSES (a string, or a list of them)",
-    "base_model, if present, is a Hub model id or a list of them",
+    "base_model, if present and not empty, is a Hub model id or a list of them",
     "tags, if present, is a list of strings",
 )
 
@@ -566,6 +566,18 @@ class HubServer:
             return self._repo_locks.setdefault(repo_id, threading.Lock())
 
 
+def _is_repo_id(value: object) -> bool:
+    """A repository id by the Hub's rules, as huggingface_hub checks them (``validate_repo_id``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)  # type: ignore[arg-type]
+    except (HFValidationError, TypeError):
+        return False
+    return isinstance(value, str)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -735,9 +747,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(data, dict):
             errors.append({"message": "metadata must be a mapping"})
             data = {}
-        bases = data.get("base_model")
-        for base in bases if isinstance(bases, list) else [bases] if bases is not None else []:
-            if not isinstance(base, str) or not _REPO_ID.fullmatch(base):
+        bases = data.get("base_model") or []  # '' and null (PEFT writes '' for a model without a name) as absent
+        for base in bases if isinstance(bases, list) else [bases]:
+            if not _is_repo_id(base):
                 errors.append({"message": f'"base_model" must be a Hub model id, got {base!r}'})
         if "license" in data:
             licenses = data["license"] if isinstance(data["license"], list) else [data["license"]]

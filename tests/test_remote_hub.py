@@ -741,6 +741,83 @@ def test_card_refused_by_the_hub(fresh: HubServer, write_folder: Any, tmp_path: 
     assert "\n" not in str(caught.value) and "not-a-license" in str(caught.value) and fresh.commits == []
 
 
+LLAMA_STYLE_CARD = """---
+language:
+- en
+pipeline_tag: text-generation
+tags:
+- facebook
+- meta
+- llama
+license: llama3
+extra_gated_prompt: >-
+  ### META LLAMA 3 COMMUNITY LICENSE AGREEMENT
+extra_gated_fields:
+  First Name: text
+  Country: country
+  I accept the terms: checkbox
+model-index:
+- name: my-model
+  results:
+  - task:
+      type: text-generation
+    dataset:
+      name: some-benchmark
+      type: org/benchmark
+    metrics:
+    - type: accuracy
+      value: 0.5
+---
+# A card
+"""
+
+
+def test_validate_yaml_accepts_what_the_hub_accepts(fresh: HubServer, peft_folders: Any) -> None:
+    """The test Hub's card check must never refuse a card the real Hub takes (hub_server.VALIDATED_RULES says what
+    it checks): every license id the Hub lists, alone or in a list; ``other`` with its name and link; a Llama 3
+    style card with gating fields and eval results; PEFT's own cards, from PEFT here and from the corpus of cards
+    found in the wild; adapterkit's card for each of them. Cards that break a checked rule are refused."""
+    from helpers import corpus_dir
+    from hub_server import LICENSES
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=fresh.endpoint)
+    # Licenses common on the Hub, listed here independently of the server's list, then the server's whole list.
+    common = ["apache-2.0", "mit", "gpl-3.0", "cc-by-nc-4.0", "cc-by-sa-4.0", "llama2", "llama3.1", "gemma"]
+    common += ["openrail++", "creativeml-openrail-m", "bigscience-bloom-rail-1.0", "afl-3.0", "unknown", "other"]
+    ids = common + sorted(LICENSES)
+    accepted = [f"---\nlicense: {license_id}\nlibrary_name: peft\n---\n" for license_id in ids]
+    accepted += [
+        "---\nlicense:\n- mit\n- apache-2.0\n---\n",
+        "---\nlicense: other\nlicense_name: my-license\nlicense_link: LICENSE\n---\n",
+        "---\nbase_model:\n- org/one\n- org/two\ndatasets:\n- org/data\n---\n",
+        "# no front matter at all\n",
+        LLAMA_STYLE_CARD,
+        (peft_folders.lora / "README.md").read_text(),
+    ]
+    wild = sorted((corpus_dir() / "cards").glob("*README.md"))
+    assert len(wild) == 5
+    for path in wild:
+        text = path.read_bytes()
+        if b"base_model: /" not in text:  # one names a local path as its base, which the Hub refuses
+            accepted.append(text.decode())
+        accepted.append(model_card({"base_model": None}, "sha256:" + "0" * 64, "org/repo", text).decode())
+    for card in accepted:
+        api._validate_yaml(card)  # what create_commit calls for a README.md; ValueError when refused
+    refused = {
+        "license: not-a-license": "license",
+        "license: [mit, nope]": "license",
+        "base_model: /home/me/model": "base_model",
+        "base_model: [org/ok, ./local]": "base_model",
+        "tags: lora": "tags",
+        "[1, 2]": "mapping",
+        "key: [unclosed": "YAML",
+    }
+    for front, reason in refused.items():
+        with pytest.raises(ValueError, match=reason):
+            api._validate_yaml(f"---\n{front}\n---\n")
+
+
 def test_model_card_is_stable_across_pushes() -> None:
     """A card pulled from the Hub and pushed again keeps one adapterkit section; no README gives a generated body."""
     metadata = {"base_model": {"name": "org/base"}, "task_type": "CAUSAL_LM", "r": 4, "target_modules": ["q_proj"]}
