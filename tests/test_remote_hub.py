@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -640,22 +642,36 @@ def test_push_commit_failure(fresh: HubServer, peft_folders: Any, tmp_path: Path
     assert file_sha(fresh.files_at(repo, "v2")[MANIFEST_PATH]) == two
 
 
+def cli_push(hub: HubServer, store: Store, ref: str, url: str, tmp_path: Path) -> subprocess.Popen[str]:
+    """``adapterkit push REF URL`` in a process of its own, against ``hub``, as a user's shell would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
+    env |= {"PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "adapterkit", "--store", str(store.root), "push", ref, url]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
 def test_push_race_is_detected_not_overwritten(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
-    """Another push lands between our read of the branch and our commit: RemoteConflictError, theirs intact."""
-    store = Store(tmp_path / "s")
+    """Another process pushes between our read of the branch and our commit: RemoteConflictError, theirs intact."""
+    store, other = Store(tmp_path / "s"), Store(tmp_path / "other")
     ours = store.add(peft_folders.lora, "demo:ours").digest
-    theirs = store.add(peft_folders.lora2, "demo:theirs").digest
+    theirs = other.add(peft_folders.lora2, "demo:theirs").digest
     repo = repo_name("race")
     hf = remote(fresh, f"hf://{repo}")
     hf.push(store, ours, "demo", "latest")  # the repo exists; both pushes below start from this head
+    results: list[tuple[int, str]] = []
 
-    def other_push() -> None:
-        remote(fresh, f"hf://{repo}").push(store, theirs, "demo", "theirs")
+    def other_push() -> None:  # runs in the server while it holds our commit back; theirs goes through
+        process = cli_push(fresh, other, "demo:theirs", f"hf://{repo}", tmp_path)
+        _, err = process.communicate(timeout=300)
+        results.append((process.returncode, err))
 
     fresh.fault("call", "/commit/main", method="POST", callback=other_push)
     mine = store.add(peft_folders.lora_mlp, "demo:mine").digest
     with pytest.raises(RemoteConflictError, match="moved while pushing") as caught:
         hf.push(store, mine, "demo", "mine")
+    assert results == [(0, "")], results
     assert "\n" not in str(caught.value)
     assert file_sha(fresh.files_at(repo)[MANIFEST_PATH]) == theirs
     assert "mine" not in {t.name for t in hf.api.list_repo_refs(repo).tags}
@@ -664,35 +680,31 @@ def test_push_race_is_detected_not_overwritten(fresh: HubServer, peft_folders: A
     assert file_sha(fresh.files_at(repo, "theirs")[MANIFEST_PATH]) == theirs
 
 
+@pytest.mark.slow
 def test_concurrent_pushes_one_repo(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
-    """Pushes racing for real: each wins or gets RemoteConflictError; the branch holds one whole adapter."""
-    store = Store(tmp_path / "s")
-    digests = [store.add(write_folder(tmp_path / f"f{i}", seed=i), f"c:v{i}").digest for i in range(4)]
+    """Four `adapterkit push` processes race for one branch. The server holds each commit until all four have
+    arrived, so all four read the same head: one wins, three get the conflict, the branch holds one whole adapter."""
+    stores = [Store(tmp_path / f"s{i}") for i in range(4)]
+    digests = [s.add(write_folder(tmp_path / f"f{i}", seed=i), f"c:v{i}").digest for i, s in enumerate(stores)]
     repo = repo_name("concurrent")
-    barrier = threading.Barrier(len(digests))
-    outcomes: dict[int, str] = {}
-
-    def push(i: int) -> None:
-        barrier.wait()
-        try:
-            remote(fresh, f"hf://{repo}").push(store, digests[i], "c", f"v{i}")
-            outcomes[i] = "ok"
-        except RemoteConflictError:
-            outcomes[i] = "conflict"
-
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(digests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert len(outcomes) == len(digests) and "ok" in outcomes.values()
-    assert len(fresh.commits) == list(outcomes.values()).count("ok")
+    fresh.create_repo(repo)
+    arrived = threading.Barrier(len(stores), timeout=120)
+    fresh.fault("call", "/commit/main", method="POST", times=len(stores), callback=arrived.wait)
+    processes = [cli_push(fresh, s, f"c:v{i}", f"hf://{repo}", tmp_path) for i, s in enumerate(stores)]
+    outcomes = {}
+    for i, process in enumerate(processes):
+        out, err = process.communicate(timeout=300)
+        outcomes[i] = (process.returncode, out, err)
+    won = [i for i, (code, _, _) in outcomes.items() if code == 0]
+    lost = [i for i, (code, _, err) in outcomes.items() if code == 1 and "moved while pushing" in err]
+    assert len(won) == 1 and len(lost) == 3, outcomes
+    assert all(len(outcomes[i][2].strip().splitlines()) == 1 for i in lost)  # one line each, no traceback
+    assert [c.repo_id for c in fresh.commits] == [repo]
     files = fresh.files_at(repo)
-    head = file_sha(files[MANIFEST_PATH])
-    assert head in {digests[i] for i, outcome in outcomes.items() if outcome == "ok"}
+    assert file_sha(files[MANIFEST_PATH]) == digests[won[0]]
     # The files at the head are exactly the ones its manifest names: no mix of two pushes.
     pulled = Store(tmp_path / "p")
-    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == head
+    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == digests[won[0]]
     assert pulled.verify().ok
 
 
