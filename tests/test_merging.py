@@ -284,10 +284,53 @@ def test_progress_is_called_per_tensor(llama: Case, tmp_path: Path) -> None:
     )
 
 
-def test_plan_reports_without_writing(llama: Case, tmp_path: Path) -> None:
-    plan = plan_merge([read_adapter(llama.loras["mixed"])], [0.5], llama.base)
-    assert sorted(plan.targets) == sorted(f"{n}.weight" for n in read_adapter(llama.loras["mixed"]).modules)
+def test_plan_reports_without_writing(
+    llama: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, snapshot: Any
+) -> None:
+    """plan_merge (and merge --dry-run) open nothing for writing, anywhere, and leave the base as it was."""
+    import builtins
+    import io
+
+    adapter = read_adapter(llama.loras["mixed"])
+    writes: list[str] = []
+    real_os_open, real_open = os.open, builtins.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & write_flags:
+            writes.append(f"os.open({path!r}, {flags:#o})")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if any(c in mode for c in "wax+"):
+            writes.append(f"open({file!r}, {mode!r})")
+        return real_open(file, mode, *args, **kwargs)
+
+    before = snapshot(llama.base)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    plan = plan_merge([adapter], [0.5], llama.base)
+    monkeypatch.undo()
+    assert writes == []
+    assert snapshot(llama.base) == before and list(tmp_path.iterdir()) == []
+    assert sorted(plan.targets) == sorted(f"{n}.weight" for n in adapter.modules)
     assert plan.weights == [0.5] and plan.total_bytes > 0
+
+    from click.testing import CliRunner
+
+    from adapterkit import Store
+    from adapterkit.cli import cli
+
+    store = Store(tmp_path / "store")
+    store.add(llama.loras["mixed"], "mixed")
+    stored = snapshot(store.root)
+    out = tmp_path / "out"
+    args = ["--store", str(store.root), "merge", "mixed", "-w", "0.5", "--base", str(llama.base), "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not out.exists() and snapshot(store.root) == stored and snapshot(llama.base) == before
 
 
 # --- refusals: clear error, nothing written ----------------------------------------------------------------------
