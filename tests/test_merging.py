@@ -155,6 +155,31 @@ def test_two_adapters_give_the_weighted_sum_of_their_deltas(llama: Case, tmp_pat
     assert max_abs_diff(logits(load_merged(tmp_path / "out")), logits(reference)) <= 1e-5
 
 
+def test_weighted_merge_of_two_adapters_equals_peft_cat_then_merge_and_unload(llama: Case, tmp_path: Path) -> None:
+    """PEFT itself as the reference for a weighted multi-adapter merge: both adapters loaded into one PeftModel,
+    ``add_weighted_adapter(..., combination_type="cat")`` (PEFT's exact weighted sum, rank r1 + r2), then
+    ``merge_and_unload``. The adapters differ in rank, alpha, rsLoRA and targets; one weight is negative.
+
+    PEFT's cat gives the new adapter adapter 0's ``use_rslora`` with alpha = r, so with the rsLoRA adapter first
+    its scaling would be sqrt(r) instead of 1 (a PEFT defect): the plain adapter goes first.
+    """
+    from peft import PeftModel
+
+    folders, weights = [llama.loras["attn"], llama.loras["mixed"]], [0.7, -0.3]
+    merge([read_adapter(f) for f in folders], weights, llama.base, tmp_path / "out")
+    peft = PeftModel.from_pretrained(copy.deepcopy(llama.model), folders[0], adapter_name="a0")
+    peft.load_adapter(folders[1], adapter_name="a1")
+    peft.add_weighted_adapter(["a0", "a1"], weights, "blend", combination_type="cat")
+    peft.set_adapter("blend")
+    reference = peft.merge_and_unload().eval()
+    ours = load_merged(tmp_path / "out")
+    assert max_abs_diff(logits(ours), logits(reference)) <= 1e-5
+    assert max_abs_diff(logits(reference), logits(llama.model)) > 0.1  # the blend changes the model
+    expected = reference.state_dict()
+    for key, value in tensors_of(tmp_path / "out").items():
+        assert max_abs_diff(value, expected[key]) <= 1e-6, key
+
+
 def test_bfloat16_base_matches_peft_within_bf16_rounding(llama: Case, tmp_path: Path) -> None:
     save_base(copy.deepcopy(llama.model).to(torch.bfloat16), tmp_path / "base16", max_shard_size=SHARD)
     adapter = read_adapter(llama.loras["embed"])
