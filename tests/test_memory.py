@@ -5,10 +5,10 @@ Each measured command is the real CLI in its own process; its peak resident set 
 the commands need today, so allocator or library changes do not trip them) and still far below what
 breaking the claim costs:
 
-* ``compose --strategy svd`` of two r=16 adapters on one 65536 x 32768 module: the factors are 12 MB, the
-  dense change 8 GiB of float32. The process runs under an address-space limit of 4 GiB, half the dense
-  size, so a regression that forms the matrix fails with an allocation error instead of taking 8 GiB from
-  the machine, and it must peak below 1 GiB.
+* ``compose --strategy svd`` of two r=16 adapters on one 65536 x 32768 module, and ``inspect`` of them: the
+  factors are 12 MB, the dense change 8 GiB of float32. Each process runs under an address-space limit of
+  4 GiB, half the dense size, so a regression that forms the matrix fails with an allocation error instead
+  of taking 8 GiB from the machine, and it must peak below 1 GiB.
 * ``merge`` of one adapter into a 64 MiB and a 512 MiB base (single shards; the largest tensor, 16 MiB,
   is the same in both): the two peaks may differ by at most the largest tensor, where loading the base
   (or a shard) would add the 448 MiB the bases differ by.
@@ -75,7 +75,7 @@ def add(store: Path, folder: Path, ref: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_svd_compose_never_forms_the_dense_matrix(tmp_path: Path) -> None:
+def test_svd_compose_and_inspect_never_form_the_dense_matrix(tmp_path: Path) -> None:
     module, shape = "model.layers.0.mlp.up_proj", (65536, 32768)
     dense_bytes = shape[0] * shape[1] * 4
     assert dense_bytes == 8 * GIB
@@ -95,6 +95,13 @@ def test_svd_compose_never_forms_the_dense_matrix(tmp_path: Path) -> None:
         "blend:latest"
         in subprocess.run([*CLI, "--store", str(store), "list"], capture_output=True, text=True, check=True).stdout
     )
+    # docs/inspect.md: inspect measures from the factors alone (spectra, cosines, sampled sign conflicts)
+    status, stderr, peak = run_measured(
+        ["inspect", "huge0", "huge1", "-w", "0.7,-0.4"], store, tmp_path, address_space=dense_bytes // 2
+    )
+    print(f"inspect of the same two adapters: peak RSS {peak / MIB:.0f} MiB")
+    assert status == 0, stderr
+    assert peak < GIB, f"peak RSS {peak / MIB:.0f} MiB"
 
 
 def write_base(folder: Path, tensors: int, shape: tuple[int, int]) -> int:
