@@ -552,19 +552,35 @@ def test_s3_server_gone_mid_pull(
 def test_a_push_that_loses_the_race_gets_a_conflict(
     remote: RemoteRoot, tmp_path: Path, make_adapter: Callable[..., Path]
 ) -> None:
-    """Push B runs to completion in the middle of push A (after A read the remote ref): A must not win."""
+    """Push B runs to completion in the middle of push A (after A read the remote ref): A must not win.
+
+    B is `adapterkit push` in a process of its own, except on memory://, which no other process can see.
+    """
     a, c, b = Store(tmp_path / "a"), Store(tmp_path / "c"), Store(tmp_path / "b")
     first = a.add(make_adapter("first", seed=1), REF).digest
     second = c.add(make_adapter("second", seed=2), REF).digest
-    raced: list[TransferResult] = []
+    raced: list[str] = []
 
     def race(_n: int) -> None:
-        if not raced:
-            raced.append(push(c, REF, remote.url))
+        if raced:
+            return
+        if remote.kind == "memory":
+            raced.append(push(c, REF, remote.url).digest)
+            return
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONWARNINGS": "ignore"}
+        other = subprocess.run(
+            [sys.executable, "-m", "adapterkit", "--store", str(c.root), "push", REF, remote.url],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert other.returncode == 0 and other.stderr == "", other.stderr
+        raced.append(other.stdout.split()[1])  # "pushed DIGEST to ..."
 
     with pytest.raises(RemoteConflictError, match=f"moved to {second} while this push ran"):
         push(a, REF, remote.url, progress=race)
-    assert raced[0].digest == second
+    assert raced == [second]
     assert remote.read("refs/org/model/_tags/v1") == f"{second}\n".encode()
     assert pull(b, f"{remote.url}/{REF}").digest == second
     assert b.verify(full=True).ok
