@@ -583,9 +583,10 @@ def test_bad_refs_are_refused_before_anything_is_written(
 def test_reference_length_limits(store: Store, peft_folders: Any) -> None:
     longest = "a/" * 125 + "a:" + "t" * 3  # 255 characters
     assert len(longest) == 255
-    store.add(peft_folders.lora, longest)
-    assert store.resolve(longest) == store.resolve(longest)
-    store.add(peft_folders.lora, "n:" + "T" * 128)
+    digest = store.add(peft_folders.lora, longest).digest
+    assert store.resolve(longest) == digest and store.refs_by_digest()[digest] == [longest]
+    tag_limit = "n:" + "T" * 128
+    assert store.add(peft_folders.lora, tag_limit).digest == digest and store.resolve(tag_limit) == digest
     with pytest.raises(InvalidReferenceError, match="limit is 255"):
         store.add(peft_folders.lora, longest + "t")
     assert store.verify().ok

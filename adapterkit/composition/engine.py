@@ -226,7 +226,11 @@ class Blend:
             for _, m, _ in present
         ]
         module_input = ModuleInput(
-            name=name, factors=factors, weights=[w for _, _, w in present], ranks=[m.spec.r for _, m, _ in present]
+            name=name,
+            factors=factors,
+            weights=[w for _, _, w in present],
+            ranks=[m.spec.r for _, m, _ in present],
+            positions=[i for i, _, _ in present],
         )
         return module_input, shape
 
