@@ -17,6 +17,7 @@ from adapterkit.errors import (
     AmbiguousReferenceError,
     BaseModelError,
     CompositionError,
+    ExtractionError,
     IncompatibleAdaptersError,
     IntegrityError,
     InvalidInputError,
@@ -36,6 +37,7 @@ from adapterkit.store import AddResult, GcReport, Store, VerifyReport
 
 if TYPE_CHECKING:
     from adapterkit.composition import compose
+    from adapterkit.extraction import extract
     from adapterkit.lora import Adapter, LoraModule
     from adapterkit.merging import merge
     from adapterkit.peft_io import read_adapter, write_adapter
@@ -50,6 +52,7 @@ __all__ = [
     "BaseFingerprint",
     "BaseModelError",
     "CompositionError",
+    "ExtractionError",
     "GcReport",
     "IncompatibleAdaptersError",
     "IntegrityError",
@@ -70,6 +73,7 @@ __all__ = [
     "__version__",
     "attach",
     "compose",
+    "extract",
     "fingerprint",
     "merge",
     "read_adapter",
@@ -81,6 +85,7 @@ _LAZY = {
     "LoraModule": "adapterkit.lora",
     "attach": "adapterkit.stacking",
     "compose": "adapterkit.composition",
+    "extract": "adapterkit.extraction",
     "merge": "adapterkit.merging",
     "read_adapter": "adapterkit.peft_io",
     "write_adapter": "adapterkit.peft_io",

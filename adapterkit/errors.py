@@ -10,6 +10,7 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── SchemaValidationError    a document fails schemas/*.schema.json
     │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
     │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
+    │   ├── ExtractionError          a (base, fine-tuned) pair that cannot be turned into an adapter as asked
     │   └── CompositionError         adapters that cannot be blended as asked
     │       ├── IncompatibleAdaptersError  different bases, or one module shaped differently
     │       └── UnknownStrategyError       no plugin registered that strategy
@@ -34,6 +35,7 @@ __all__ = [
     "AmbiguousReferenceError",
     "BaseModelError",
     "CompositionError",
+    "ExtractionError",
     "IncompatibleAdaptersError",
     "IntegrityError",
     "InvalidInputError",
@@ -84,6 +86,10 @@ class InvalidReferenceError(InvalidInputError):
 
 class BaseModelError(InvalidInputError):
     """A base-model folder cannot be read, or an adapter does not fit it."""
+
+
+class ExtractionError(InvalidInputError):
+    """A base and a fine-tuned model that cannot be turned into an adapter as asked (structure, targets, ranks)."""
 
 
 class CompositionError(InvalidInputError):

@@ -1,0 +1,352 @@
+"""``extract``: a LoRA adapter from a base model and its fine-tune, streamed tensor by tensor.
+
+The plan (:mod:`adapterkit.extraction.plan`) is made from headers alone. Then one pass walks the
+base's tensors in the order its shards hold them: a targeted weight's change ``D = tuned - base``
+is formed in float32 and factored (:mod:`adapterkit.extraction.lowrank`), and dropped before the
+next is read; every other tensor is compared chunk by chunk and, if it changed, reported with its
+relative change (or, with ``keep_changed``, carried in full as PEFT's ``modules_to_save``).
+Memory therefore holds one weight's change and the factors kept so far, whatever the model's size.
+
+How many ranks each module keeps:
+
+* ``rank``: the same k everywhere (at most the weight's smaller dimension);
+* ``energy``: per module, the smallest k whose singular values keep that fraction of the squared
+  Frobenius norm of its change (the leading triplets are grown until they do);
+* ``budget``: the ranks that keep the most total energy for that many parameters, a rank of a
+  module costing its in + out. The first pass keeps every module's leading triplets up to about
+  twice the rank a uniform split would give; a module that takes all of its triplets is read
+  again for more, until none does. The total never exceeds the budget.
+
+The factors are ``B = U √S`` and ``A = √S Vh`` with scaling 1 (alpha = r per module, through
+``rank_pattern`` and ``alpha_pattern``), stored in float32 unless another dtype is asked for. The
+relative error and kept energy of every module, the tensors left out, and the fine-tuned model's
+fingerprint go into the adapter's lineage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from adapterkit.errors import ExtractionError, InvalidInputError
+from adapterkit.extraction.lowrank import (
+    Spectrum,
+    allocate_budget,
+    balanced_factors,
+    energy_rank,
+    relative_error,
+    top_singular,
+)
+from adapterkit.extraction.pair import ModelPair, torch_dtype
+from adapterkit.extraction.plan import ExtractionPlan, PlannedModule, plan_extraction
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapterkit.lora import Adapter
+
+__all__ = ["ExtractProgress", "extract"]
+
+#: ``progress(bytes_done, bytes_total, tensor_name)``: bytes of both models read so far, after each tensor.
+ExtractProgress = Callable[[int, int, str], None]
+#: Triplets an ``energy`` extraction computes first for a module; doubled until they keep enough.
+_FIRST_ENERGY_RANK = 32
+#: A module's energy below which ``energy - kept`` is too close to rounding to be trusted as the error.
+_CANCELLATION = 1e-4
+
+
+@dataclass
+class _Factored:
+    """One module's result: its factors (already in the output dtype) and how well they do."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    error: float
+    kept: float
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    import torch
+
+    if device is None:
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"device {str(device)!r} is not a torch device ({exc})") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {str(device)!r} is not available (torch sees no CUDA GPU)")
+    return chosen
+
+
+class _Extraction:
+    """The passes over the pair, and what they found."""
+
+    def __init__(self, plan: ExtractionPlan, pair: ModelPair, device: torch.device) -> None:
+        self.plan = plan
+        self.pair = pair
+        self.device = device
+        self.out_dtype = torch_dtype(plan.dtype)
+        self.results: dict[str, _Factored] = {}
+        self.spectra: dict[str, Spectrum] = {}
+        self.unchanged: list[str] = []
+        self.changed: dict[str, float] = {}
+        #: whether storing the factors rounds them (then errors are measured on the rounded factors)
+        self.rounded = plan.dtype in ("F16", "BF16")
+
+    def change(self, module: PlannedModule) -> torch.Tensor:
+        """The module's weight change as its out x in matrix, in float32 on the device."""
+        delta = self.pair.delta(module.tensor, self.device)
+        return delta.T if module.transposed else delta
+
+    def first_pass(self, progress: ExtractProgress | None) -> None:
+        by_tensor = {module.tensor: module for module in self.plan.modules}
+        total, done = self.plan.read_bytes, 0
+        for name, where in self.plan.base_tensors.items():
+            module = by_tensor.get(name)
+            if module is None:
+                relative = self.pair.relative_change(name)
+                if relative > 0:
+                    self.changed[name] = relative
+            else:
+                self.factor(module)
+            done += where.info.nbytes + self.plan.tuned_tensors[name].info.nbytes
+            if progress is not None:
+                progress(done, total, name)
+
+    def factor(self, module: PlannedModule) -> None:
+        M = self.change(module)
+        selection = self.plan.selection
+        total = _square_norm(M)
+        if total == 0.0:
+            self.unchanged.append(module.name)
+            return
+        if selection.rank is not None:
+            rank = module.rank or 0
+            self.finish(module, top_singular(M, rank, energy=total), rank, M)
+        elif selection.energy is not None:
+            k = min(_FIRST_ENERGY_RANK, module.max_rank)
+            spectrum = top_singular(M, k, energy=total)
+            while (rank := energy_rank(spectrum, selection.energy)) is None:
+                k = min(2 * k, module.max_rank)
+                spectrum = top_singular(M, k, start=spectrum.Vh.T, energy=total)
+            self.finish(module, spectrum, rank, M)
+        else:
+            k = min(self.first_budget_rank(), module.max_rank)
+            self.spectra[module.name] = top_singular(M, k, energy=total).truncate(module.max_rank)
+
+    def first_budget_rank(self) -> int:
+        """Triplets the budget's first pass keeps per module: about twice the rank a uniform split affords."""
+        budget = self.plan.selection.budget or 0
+        uniform = budget / sum(module.cost for module in self.plan.modules)
+        return max(8, math.ceil(2 * uniform))
+
+    def finish(self, module: PlannedModule, spectrum: Spectrum, rank: int, M: torch.Tensor | None) -> None:
+        """Keep the module's rank-``rank`` factors in the output dtype, with their error and kept energy."""
+        if rank == 0:
+            self.results.pop(module.name, None)
+            return
+        A, B = balanced_factors(spectrum, rank)
+        A = A.to(device="cpu", dtype=self.out_dtype).contiguous()
+        B = B.to(device="cpu", dtype=self.out_dtype).contiguous()
+        error = relative_error(spectrum, rank, M, factors=(A, B) if self.rounded else None)
+        kept = spectrum.kept(rank) / spectrum.energy
+        self.results[module.name] = _Factored(A, B, error, min(kept, 1.0))
+
+    def fit_budget(self) -> dict[str, int]:
+        """Share the budget by allocating each next rank where it keeps the most energy per parameter."""
+        budget = self.plan.selection.budget
+        assert budget is not None
+        modules = {module.name: module for module in self.plan.modules if module.name in self.spectra}
+        costs = {name: module.cost for name, module in modules.items()}
+        while True:
+            gains = {name: self.spectra[name].S.double().square().tolist() for name in modules}
+            ranks, _ = allocate_budget(gains, costs, budget)
+            grow = [
+                name
+                for name, module in modules.items()
+                if ranks[name] == len(gains[name])
+                and len(gains[name]) < module.max_rank
+                and not self.spectra[name].complete
+                and self.spectra[name].energy > self.spectra[name].kept(len(gains[name]))
+            ]
+            if not grow:
+                return ranks
+            for name in grow:  # these took every triplet they had: find out what their next ones are worth
+                module = modules[name]
+                previous = self.spectra[name]
+                M = self.change(module)
+                k = min(2 * len(previous.S), module.max_rank)
+                self.spectra[name] = top_singular(M, k, start=previous.Vh.T, energy=previous.energy).truncate(
+                    module.max_rank
+                )
+                del M
+
+    def finish_budget(self, ranks: dict[str, int]) -> None:
+        for module in self.plan.modules:
+            spectrum = self.spectra.pop(module.name, None)
+            if spectrum is None:
+                continue
+            rank = ranks[module.name]
+            if rank == 0:
+                self.results[module.name] = _Factored(_empty(), _empty(), 1.0, 0.0)
+                continue
+            lost = spectrum.energy - spectrum.kept(rank)
+            M = self.change(module) if self.rounded or lost < _CANCELLATION * spectrum.energy else None
+            self.finish(module, spectrum, rank, M)
+
+
+def _empty() -> torch.Tensor:
+    import torch
+
+    return torch.empty(0)
+
+
+def _square_norm(M: torch.Tensor) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(M, dtype=torch.float64)) ** 2
+
+
+def extract(
+    base_dir: str | os.PathLike[str],
+    tuned_dir: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: int | None = None,
+    targets: list[str] | None = None,
+    keep_changed: bool = False,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    content_digest: bool = False,
+    progress: ExtractProgress | None = None,
+) -> Adapter:
+    """A LoRA adapter whose weight changes approximate ``tuned_dir``'s changes to ``base_dir``.
+
+    Give exactly one of ``rank`` (every module), ``energy`` (a fraction in (0, 1] of each
+    module's squared change to keep) or ``budget`` (total factor parameters, shared where they
+    keep the most energy). ``targets`` are module names or suffixes as in PEFT's
+    ``target_modules`` (``q_proj``, ``model.embed_tokens``, ``lm_head``); ``"all-linear"``, the
+    default, is every linear projection of the numbered layers. ``keep_changed`` carries changed
+    tensors that are not targeted (norms, biases, embeddings) in full as ``modules_to_save``.
+    ``dtype`` is the factors' dtype (float32 by default); ``device`` runs the maths there.
+    ``content_digest`` also hashes every tensor of the fine-tuned model for the lineage.
+
+    The result's ``metadata`` holds the base's fingerprint and the lineage: the fine-tuned model,
+    the parameters, each module's relative error and kept energy, the changed tensors it leaves
+    out and the targets that did not change. ``Store.put`` stores it; ``write_adapter`` writes a
+    folder PEFT loads. Both models are read tensor by tensor; nothing is written.
+    """
+    plan = plan_extraction(
+        base_dir,
+        tuned_dir,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        targets=targets,
+        keep_changed=keep_changed,
+        dtype=str(dtype) if dtype is not None else None,
+    )
+    chosen = _device(device)
+    with ModelPair(plan.base_tensors, plan.tuned_tensors) as pair:
+        run = _Extraction(plan, pair, chosen)
+        run.first_pass(progress)
+        if plan.selection.budget is not None and run.spectra:
+            run.finish_budget(run.fit_budget())
+        carried = _carry(plan, pair, run) if keep_changed else {}
+    return _assemble(plan, run, carried, content_digest)
+
+
+def _carry(plan: ExtractionPlan, pair: ModelPair, run: _Extraction) -> dict[str, torch.Tensor]:
+    """The changed tensors PEFT can take as ``modules_to_save``: every tensor of each changed module, in full."""
+    from adapterkit.lora_config import KEY_PREFIX
+
+    factored = {module.name for module in plan.modules}
+    carried: dict[str, torch.Tensor] = {}
+    for name in sorted(run.changed):
+        owner = name.rpartition(".")[0]
+        if not owner or owner in factored:
+            continue  # a bias or other tensor of a module that gets a LoRA: PEFT cannot load both on one module
+        for tensor, where in plan.tuned_tensors.items():
+            if tensor.rpartition(".")[0] == owner and KEY_PREFIX + tensor not in carried:
+                carried[KEY_PREFIX + tensor] = pair.read(where).reshape(where.info.shape).clone()
+    return carried
+
+
+def _assemble(
+    plan: ExtractionPlan, run: _Extraction, carried: dict[str, torch.Tensor], content_digest: bool
+) -> Adapter:
+    from adapterkit import __version__
+    from adapterkit.composition import _derived_config
+    from adapterkit.fingerprint import fingerprint
+    from adapterkit.lora import Adapter, LoraModule
+    from adapterkit.lora_config import KEY_PREFIX, ModuleSpec
+
+    modules: dict[str, LoraModule] = {}
+    errors: dict[str, float] = {}
+    kept: dict[str, float] = {}
+    for planned in plan.modules:
+        result = run.results.get(planned.name)
+        if result is None:
+            continue
+        errors[planned.name] = result.error
+        kept[planned.name] = result.kept
+        rank = result.A.shape[0]
+        if rank == 0:
+            continue
+        spec = ModuleSpec(
+            name=planned.name,
+            kind=planned.kind,
+            r=rank,
+            alpha=rank,
+            scaling=1.0,
+            in_features=planned.in_features,
+            out_features=planned.out_features,
+            kernel=(),
+            fan_in_fan_out=planned.fan_in_fan_out,
+            dtype=plan.dtype,
+        )
+        modules[planned.name] = LoraModule(spec, result.A, result.B)
+    carried_modules = sorted({key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in carried})
+    left_out = {name: value for name, value in run.changed.items() if KEY_PREFIX + name not in carried}
+    if not modules:
+        changed = sorted(run.changed)
+        others = f"; it changes only {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}" if changed else ""
+        raise ExtractionError(f"{plan.tuned_dir} changes none of the targeted weights of {plan.base_dir}{others}")
+    config = _derived_config(
+        {"task_type": plan.task_type, "base_model_name_or_path": plan.base_name, "revision": None}, modules
+    )
+    if carried_modules:
+        config["modules_to_save"] = carried_modules
+    tied_module = plan.tied.removesuffix(".weight") if plan.tied else None
+    if tied_module is not None and (tied_module in modules or tied_module in carried_modules):
+        config["ensure_weight_tying"] = True  # the change applies to the output layer too, as in the tuned model
+    source: dict[str, Any] = {"name": str(plan.tuned_dir), "structure_digest": plan.tuned.structure_digest}
+    if content_digest:
+        source["content_digest"] = fingerprint(plan.tuned_dir, content=True).content_digest
+    lineage: dict[str, Any] = {
+        "strategy": "extract",
+        "parameters": {
+            **plan.selection.to_json(),
+            "targets": plan.targets,
+            "keep_changed": plan.keep_changed,
+            "dtype": plan.dtype,
+        },
+        "parents": [],
+        "adapterkit_version": __version__,
+        "source": source,
+        "truncation_error": errors,
+        "kept_energy": kept,
+        "left_out": dict(sorted(left_out.items())),
+        "unchanged": sorted(run.unchanged),
+    }
+    adapter = Adapter(config=config, modules=modules, extra_tensors=carried, key_prefix=KEY_PREFIX)
+    adapter.metadata = {
+        "base_model": {"name": plan.base_name, "revision": None, "structure_digest": plan.base.structure_digest},
+        "lineage": lineage,
+    }
+    return adapter

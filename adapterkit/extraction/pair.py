@@ -1,0 +1,211 @@
+"""A base model and its fine-tune, read side by side one tensor at a time from their safetensors.
+
+The two folders may be sharded differently and stored in different floating dtypes; what must
+agree is the structure, every tensor's name and shape, and :func:`check_structure` names the first
+tensor that does not. Tensors are read with positional reads into buffers of their own (never a
+memory map, whose pages would count against the process while the model is walked), so at any
+time only the tensors being compared are in memory. A tensor that is not extracted is compared in
+chunks of a few megabytes, bytes first: an unchanged tensor costs two reads and a ``memcmp``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapterkit.errors import BaseModelError, ExtractionError
+from adapterkit.fingerprint import read_base_headers
+from adapterkit.safetensors_io import DTYPE_SIZES, Header, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Located", "ModelPair", "check_structure", "locate", "torch_dtype"]
+
+#: Elements compared at a time for a tensor that is not extracted.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one tensor's bytes are: its shard, the shard's header and the tensor's entry."""
+
+    path: Path
+    header: Header
+    info: TensorInfo
+
+    @property
+    def offset(self) -> int:
+        return self.header.data_start + self.info.begin
+
+
+def locate(headers: dict[Path, Header]) -> dict[str, Located]:
+    """Every tensor of a model folder by name, in the order the shards store them."""
+    out: dict[str, Located] = {}
+    for path, header in headers.items():
+        for info in sorted(header.tensors.values(), key=lambda t: t.begin):
+            out[info.name] = Located(path, header, info)
+    return out
+
+
+def check_structure(base: dict[str, Located], tuned: dict[str, Located], base_dir: Path, tuned_dir: Path) -> None:
+    """Refuse two models whose tensor names or shapes differ, naming the first tensor that does."""
+    for name in sorted(set(base) | set(tuned)):
+        if name not in tuned:
+            raise ExtractionError(
+                f"tensor {name!r} is in {base_dir} but not in {tuned_dir} (not the same architecture)"
+            )
+        if name not in base:
+            raise ExtractionError(
+                f"tensor {name!r} is in {tuned_dir} but not in {base_dir} (not the same architecture)"
+            )
+        base_shape, tuned_shape = base[name].info.shape, tuned[name].info.shape
+        if base_shape != tuned_shape:
+            raise ExtractionError(
+                f"tensor {name!r} is {list(base_shape)} in {base_dir} but {list(tuned_shape)} in {tuned_dir} "
+                "(a resized vocabulary?)"
+            )
+
+
+def torch_dtype(code: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype code, or None when this torch has no such dtype."""
+    from adapterkit.lora import TORCH_DTYPES
+
+    for dtype, name in TORCH_DTYPES.items():
+        if name == code:
+            return dtype
+    return None
+
+
+class ModelPair:
+    """The two models' shards, opened once; tensors are read on demand, by name."""
+
+    def __init__(self, base: dict[str, Located], tuned: dict[str, Located]) -> None:
+        self.base = base
+        self.tuned = tuned
+        self._fds: dict[Path, int] = {}
+
+    @classmethod
+    def open(cls, base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[str]) -> ModelPair:
+        """Both folders' headers, checked to describe the same structure."""
+        base = locate(read_base_headers(base_dir))
+        tuned = locate(read_base_headers(tuned_dir))
+        check_structure(base, tuned, Path(base_dir), Path(tuned_dir))
+        return cls(base, tuned)
+
+    def __enter__(self) -> ModelPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise BaseModelError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+            self._fds[path] = fd
+        return fd
+
+    def _read_into(self, where: Located, into: memoryview, offset: int) -> None:
+        fd = self._fd(where.path)
+        done = 0
+        while done < len(into):
+            try:
+                got = os.preadv(fd, [into[done:]], offset + done)
+            except OSError as exc:
+                raise BaseModelError(
+                    f"{where.path}: cannot read tensor {where.info.name!r} ({exc.strerror or type(exc).__name__})"
+                ) from None
+            if got == 0:
+                raise BaseModelError(f"{where.path}: ended inside tensor {where.info.name!r} (changed while reading?)")
+            done += got
+
+    def read(self, where: Located, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Elements ``start:start+count`` of a tensor (all of it by default), flat, in its own dtype."""
+        import torch
+
+        dtype = torch_dtype(where.info.dtype)
+        if dtype is None:
+            raise BaseModelError(f"{where.path}: tensor {where.info.name!r} has dtype {where.info.dtype}, unknown here")
+        size = DTYPE_SIZES[where.info.dtype]
+        count = where.info.numel - start if count is None else count
+        buffer = torch.empty(count * size, dtype=torch.uint8)
+        if count:
+            self._read_into(where, memoryview(buffer.numpy()), where.offset + start * size)
+        return buffer.view(dtype)
+
+    def delta(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """``tuned - base`` for one tensor, in float32 (float64 if either is float64), shaped like it."""
+        import torch
+
+        base, tuned = self.base[name], self.tuned[name]
+        wide = torch.float64 if "F64" in (base.info.dtype, tuned.info.dtype) else torch.float32
+        shape = base.info.shape
+        tuned_values = self.read(tuned).reshape(shape)
+        out = torch.empty(shape, dtype=wide, device=device)
+        out.copy_(tuned_values)
+        del tuned_values
+        base_values = self.read(base).reshape(shape)
+        out.sub_(base_values.to(device) if device is not None else base_values)
+        return out
+
+    def relative_change(self, name: str) -> float:
+        """``||tuned - base|| / ||base||`` of a tensor (``/ ||tuned||`` when the base's is zero); 0 when equal.
+
+        Compared a chunk at a time, bytes first when the dtypes agree: an unchanged tensor is never
+        decoded. From the first chunk that differs, the norms are summed over the whole tensor. A
+        dtype with no arithmetic here (complex, exotic 8-bit floats) counts as changed by 1.
+        """
+        import torch
+
+        base, tuned = self.base[name], self.tuned[name]
+        if base.info.dtype == tuned.info.dtype:
+            for start, count in _chunks(base.info.numel):
+                if not torch.equal(
+                    self.read(base, start, count).view(torch.uint8), self.read(tuned, start, count).view(torch.uint8)
+                ):
+                    break
+            else:
+                return 0.0
+        if torch_dtype(base.info.dtype) is None or torch_dtype(tuned.info.dtype) is None:
+            return 1.0
+        diff = norm_base = norm_tuned = 0.0
+        for start, count in _chunks(base.info.numel):
+            b = self.read(base, start, count).to(torch.float64)
+            t = self.read(tuned, start, count).to(torch.float64)
+            norm_base += _square(b)
+            norm_tuned += _square(t)
+            diff += _square(t.sub_(b))
+        if diff == 0.0:
+            return 0.0  # the same numbers in two dtypes
+        if norm_base > 0:
+            return math.sqrt(diff / norm_base)
+        return math.sqrt(diff / norm_tuned)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of both models' tensors together (what one full pass reads)."""
+        return sum(loc.info.nbytes for loc in self.base.values()) + sum(loc.info.nbytes for loc in self.tuned.values())
+
+
+def _square(values: torch.Tensor) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
+
+
+def _chunks(numel: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, _CHUNK_ELEMENTS):
+        yield start, min(_CHUNK_ELEMENTS, numel - start)
