@@ -121,6 +121,8 @@ class _Extraction:
         M = self.change(module)
         selection = self.plan.selection
         total = _square_norm(M)
+        if not math.isfinite(total):
+            raise self.pair.not_finite(module.tensor)
         if total == 0.0:
             self.unchanged.append(module.name)
             return

@@ -188,16 +188,23 @@ class ModelPair:
             norm_base += _square(b)
             norm_tuned += _square(t)
             diff += _square(t.sub_(b))
+        if not math.isfinite(diff + norm_base + norm_tuned):
+            raise self.not_finite(name)
         if diff == 0.0:
             return 0.0  # the same numbers in two dtypes
         if norm_base > 0:
             return math.sqrt(diff / norm_base)
         return math.sqrt(diff / norm_tuned)
 
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of both models' tensors together (what one full pass reads)."""
-        return sum(loc.info.nbytes for loc in self.base.values()) + sum(loc.info.nbytes for loc in self.tuned.values())
+    def not_finite(self, name: str) -> ExtractionError:
+        """The error for a tensor whose values are not all finite, naming the model that holds them."""
+        import torch
+
+        for where in (self.base[name], self.tuned[name]):
+            values = self.read(where)
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                return ExtractionError(f"{where.path}: tensor {name!r} holds NaN or infinite values")
+        return ExtractionError(f"tensor {name!r}: its change overflows (values too large to subtract)")
 
 
 def _square(values: torch.Tensor) -> float:
