@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,7 +42,7 @@ from adapterkit.extraction.lowrank import (
     relative_error,
     top_singular,
 )
-from adapterkit.extraction.pair import ModelPair, torch_dtype
+from adapterkit.extraction.pair import ModelPair, change_dtype, torch_dtype
 from adapterkit.extraction.plan import ExtractionPlan, PlannedModule, plan_extraction
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ __all__ = ["ExtractProgress", "extract"]
 ExtractProgress = Callable[[int, int, str], None]
 #: Triplets an ``energy`` extraction computes first for a module; doubled until they keep enough.
 _FIRST_ENERGY_RANK = 32
+#: Changes held at once in the first pass: one being factored, one being formed.
+_BUFFERS = 2
 #: A module's energy below which ``energy - kept`` is too close to rounding to be trusted as the error.
 _CANCELLATION = 1e-4
 
@@ -97,32 +101,86 @@ class _Extraction:
         #: whether storing the factors rounds them (then errors are measured on the rounded factors)
         self.rounded = plan.dtype in ("F16", "BF16")
 
-    def change(self, module: PlannedModule) -> torch.Tensor:
-        """The module's weight change as its out x in matrix, in float32 on the device."""
-        delta = self.pair.delta(module.tensor, self.device)
+    def change(self, module: PlannedModule) -> tuple[torch.Tensor, float]:
+        """The module's weight change as its out x in matrix (float32, on the device), and its squared norm."""
+        delta, energy = self.pair.delta(module.tensor)
+        return self.oriented(module, delta), energy
+
+    def oriented(self, module: PlannedModule, delta: torch.Tensor) -> torch.Tensor:
+        delta = delta.to(self.device)
         return delta.T if module.transposed else delta
 
     def first_pass(self, progress: ExtractProgress | None) -> None:
-        by_tensor = {module.tensor: module for module in self.plan.modules}
-        total, done = self.plan.read_bytes, 0
-        for name, where in self.plan.base_tensors.items():
-            module = by_tensor.get(name)
-            if module is None:
-                relative = self.pair.relative_change(name)
-                if relative > 0:
-                    self.changed[name] = relative
-            else:
-                self.factor(module)
-            done += where.info.nbytes + self.plan.tuned_tensors[name].info.nbytes
-            if progress is not None:
-                progress(done, total, name)
+        """Every tensor once: a reader thread compares tensors and forms the next change while this one factors.
 
-    def factor(self, module: PlannedModule) -> None:
-        M = self.change(module)
+        Changes are formed into two buffers the size of the largest, taken in turn: the reader
+        works on one while the other is factored, so memory holds two changes whatever the model
+        (and freeing and allocating tens of megabytes per module never fragments the heap).
+        """
+        import torch
+
+        by_tensor = {module.tensor: module for module in self.plan.modules}
+        handoff: queue.Queue[tuple[PlannedModule, torch.Tensor, float, torch.Tensor] | BaseException | None]
+        handoff = queue.Queue()
+        free: queue.Queue[torch.Tensor | None] = queue.Queue()
+        for _ in range(_BUFFERS):
+            free.put(None)  # allocated on first use
+        largest = max((m for m in self.plan.modules), key=lambda m: m.in_features * m.out_features)
+        size = largest.in_features * largest.out_features
+        stop = threading.Event()
+        read = [0]
+
+        def take_buffer(dtype: torch.dtype) -> torch.Tensor | None:
+            while not stop.is_set():
+                try:
+                    buffer = free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if buffer is None or buffer.dtype != dtype:
+                    buffer = torch.empty(size, dtype=dtype)
+                return buffer
+            return None
+
+        def reader() -> None:
+            try:
+                for name, where in self.plan.base_tensors.items():
+                    module = by_tensor.get(name)
+                    if module is None:
+                        relative = self.pair.relative_change(name)
+                        if relative > 0:
+                            self.changed[name] = relative
+                    else:
+                        buffer = take_buffer(change_dtype(where, self.plan.tuned_tensors[name]))
+                        if buffer is None:
+                            return  # the caller stopped
+                        delta, energy = self.pair.delta(name, into=buffer)
+                        handoff.put((module, delta, energy, buffer))
+                    read[0] += where.info.nbytes + self.plan.tuned_tensors[name].info.nbytes
+                handoff.put(None)
+            except BaseException as exc:  # handed to the caller's thread, which raises it
+                handoff.put(exc)
+
+        thread = threading.Thread(target=reader, name="adapterkit-extract-reader", daemon=True)
+        thread.start()
+        try:
+            while (item := handoff.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                module, delta, energy, buffer = item
+                self.factor(module, self.oriented(module, delta), energy)
+                del item, delta
+                free.put(buffer)
+                if progress is not None:
+                    progress(read[0], self.plan.read_bytes, module.tensor)
+        finally:
+            stop.set()
+            thread.join()
+        if progress is not None:
+            progress(self.plan.read_bytes, self.plan.read_bytes, "")
+
+    def factor(self, module: PlannedModule, M: torch.Tensor, total: float) -> None:
+        """Factor one module's change ``M`` (``total`` is its squared norm) as the rank rule says."""
         selection = self.plan.selection
-        total = _square_norm(M)
-        if not math.isfinite(total):
-            raise self.pair.not_finite(module.tensor)
         if total == 0.0:
             self.unchanged.append(module.name)
             return
@@ -180,7 +238,7 @@ class _Extraction:
             for name in grow:  # these took every triplet they had: find out what their next ones are worth
                 module = modules[name]
                 previous = self.spectra[name]
-                M = self.change(module)
+                M, _ = self.change(module)
                 k = min(2 * len(previous.S), module.max_rank)
                 self.spectra[name] = top_singular(M, k, start=previous.Vh.T, energy=previous.energy).truncate(
                     module.max_rank
@@ -197,7 +255,7 @@ class _Extraction:
                 self.results[module.name] = _Factored(_empty(), _empty(), 1.0, 0.0)
                 continue
             lost = spectrum.energy - spectrum.kept(rank)
-            M = self.change(module) if self.rounded or lost < _CANCELLATION * spectrum.energy else None
+            M = self.change(module)[0] if self.rounded or lost < _CANCELLATION * spectrum.energy else None
             self.finish(module, spectrum, rank, M)
 
 
@@ -205,12 +263,6 @@ def _empty() -> torch.Tensor:
     import torch
 
     return torch.empty(0)
-
-
-def _square_norm(M: torch.Tensor) -> float:
-    import torch
-
-    return float(torch.linalg.vector_norm(M, dtype=torch.float64)) ** 2
 
 
 def extract(
@@ -253,13 +305,20 @@ def extract(
         keep_changed=keep_changed,
         dtype=str(dtype) if dtype is not None else None,
     )
+    import torch
+
     chosen = _device(device)
-    with ModelPair(plan.base_tensors, plan.tuned_tensors) as pair:
-        run = _Extraction(plan, pair, chosen)
-        run.first_pass(progress)
-        if plan.selection.budget is not None and run.spectra:
-            run.finish_budget(run.fit_budget())
-        carried = _carry(plan, pair, run) if keep_changed else {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reader thread takes the other core; see the module's docstring
+    try:
+        with ModelPair(plan.base_tensors, plan.tuned_tensors) as pair:
+            run = _Extraction(plan, pair, chosen)
+            run.first_pass(progress)
+            if plan.selection.budget is not None and run.spectra:
+                run.finish_budget(run.fit_budget())
+            carried = _carry(plan, pair, run) if keep_changed else {}
+    finally:
+        torch.set_num_threads(threads)
     return _assemble(plan, run, carried, content_digest)
 
 

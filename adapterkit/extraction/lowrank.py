@@ -137,13 +137,31 @@ def top_singular(
         Z = D.T @ Q  # (Qᵀ D)ᵀ: the row space the current left directions reach
         Uz, Sz, Vzh = torch.linalg.svd(Z, full_matrices=False)  # Qᵀ D = Vzhᵀ diag(Sz) Uzᵀ
         captured = float(Sz[:k].double().square().sum())
-        lost = max(total - captured, 0.0)
-        if captured - captured_before <= _CONVERGED * lost + _FLOOR * total:
+        if _converged(captured - captured_before, Sz, k, max(total - captured, 0.0), total):
             break
         captured_before = captured
         Q = torch.linalg.qr(D @ Uz).Q
     U, Vh = _fix_signs(Q @ Vzh.T[:, :k], Uz[:, :k].T)
     return Spectrum(U, Sz[:k], Vh, total, complete=False)
+
+
+def _converged(gain: float, S: torch.Tensor, k: int, lost: float, total: float) -> bool:
+    """Whether the energy still to gain by iterating is below ``_CONVERGED`` of what is lost (or float noise).
+
+    Subspace iteration shrinks the angle of the k-th direction by about ``σ_{q+1} / σ_k`` per
+    iteration, so the energy it will still gain is about ``gain * ρ / (1 - ρ)`` with
+    ``ρ = (σ_{q+1} / σ_k)²`` (the ratio squared: a margin over the energy's own rate, the fourth
+    power). The sketch's last value stands for σ_{q+1}. With a gap after the k-th value, as a
+    fine-tune's low-rank change above noise has, the second estimate is already final, and the
+    iterations stop there; a flat spectrum keeps iterating until the gain itself is small.
+    """
+    tolerance = _CONVERGED * lost + _FLOOR * total
+    if gain <= tolerance:
+        return True
+    if not math.isfinite(gain) or k == 0 or float(S[k - 1]) <= 0:
+        return False
+    ratio = min(float(S[-1]) / float(S[k - 1]), 1.0) ** 2
+    return ratio < 0.5 and gain * ratio / (1 - ratio) <= tolerance
 
 
 def balanced_factors(spectrum: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

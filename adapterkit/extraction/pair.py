@@ -24,10 +24,10 @@ from adapterkit.safetensors_io import DTYPE_SIZES, Header, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Located", "ModelPair", "check_structure", "locate", "torch_dtype"]
+__all__ = ["Located", "ModelPair", "change_dtype", "check_structure", "locate", "torch_dtype"]
 
-#: Elements compared at a time for a tensor that is not extracted.
-_CHUNK_ELEMENTS = 1 << 21
+#: Elements read at a time (a few hundred kilobytes: each chunk is converted and summed while in cache).
+_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,13 @@ def check_structure(base: dict[str, Located], tuned: dict[str, Located], base_di
                 f"tensor {name!r} is {list(base_shape)} in {base_dir} but {list(tuned_shape)} in {tuned_dir} "
                 "(a resized vocabulary?)"
             )
+
+
+def change_dtype(base: Located, tuned: Located) -> torch.dtype:
+    """The dtype a change is formed in: float32, or float64 when either model stores the tensor in float64."""
+    import torch
+
+    return torch.float64 if "F64" in (base.info.dtype, tuned.info.dtype) else torch.float32
 
 
 def torch_dtype(code: str) -> torch.dtype | None:
@@ -132,8 +139,14 @@ class ModelPair:
                 raise BaseModelError(f"{where.path}: ended inside tensor {where.info.name!r} (changed while reading?)")
             done += got
 
-    def read(self, where: Located, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Elements ``start:start+count`` of a tensor (all of it by default), flat, in its own dtype."""
+    def read(
+        self, where: Located, start: int = 0, count: int | None = None, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``start:start+count`` of a tensor (all of it by default), flat, in its own dtype.
+
+        ``into`` is a byte buffer to read into when it is large enough (reused from chunk to chunk,
+        so a pass over a large tensor does not fault in fresh pages for every chunk).
+        """
         import torch
 
         dtype = torch_dtype(where.info.dtype)
@@ -141,25 +154,42 @@ class ModelPair:
             raise BaseModelError(f"{where.path}: tensor {where.info.name!r} has dtype {where.info.dtype}, unknown here")
         size = DTYPE_SIZES[where.info.dtype]
         count = where.info.numel - start if count is None else count
-        buffer = torch.empty(count * size, dtype=torch.uint8)
+        if into is not None and into.numel() >= count * size:
+            buffer = into[: count * size]
+        else:
+            buffer = torch.empty(count * size, dtype=torch.uint8)
         if count:
             self._read_into(where, memoryview(buffer.numpy()), where.offset + start * size)
         return buffer.view(dtype)
 
-    def delta(self, name: str, device: torch.device | None = None) -> torch.Tensor:
-        """``tuned - base`` for one tensor, in float32 (float64 if either is float64), shaped like it."""
+    def delta(self, name: str, into: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """``tuned - base`` for one tensor (float32, float64 if either is float64), shaped like it; and its
+        squared Frobenius norm.
+
+        Formed a chunk at a time from two small reused buffers, the norm summed in float64 while
+        each chunk is in cache: the change itself is the only full-size tensor, written into
+        ``into`` (a flat buffer of the change's dtype) when that is large enough.
+        """
         import torch
 
         base, tuned = self.base[name], self.tuned[name]
-        wide = torch.float64 if "F64" in (base.info.dtype, tuned.info.dtype) else torch.float32
-        shape = base.info.shape
-        tuned_values = self.read(tuned).reshape(shape)
-        out = torch.empty(shape, dtype=wide, device=device)
-        out.copy_(tuned_values)
-        del tuned_values
-        base_values = self.read(base).reshape(shape)
-        out.sub_(base_values.to(device) if device is not None else base_values)
-        return out
+        wide = change_dtype(base, tuned)
+        numel = base.info.numel
+        if into is not None and into.dtype == wide and into.numel() >= numel:
+            flat = into[:numel]
+        else:
+            flat = torch.empty(numel, dtype=wide)
+        out = flat.view(base.info.shape)
+        scratch = _scratch(base, tuned)
+        energy = 0.0
+        for start, count in _chunks(base.info.numel):
+            piece = flat[start : start + count]
+            piece.copy_(self.read(tuned, start, count, into=scratch[1]))
+            piece.sub_(self.read(base, start, count, into=scratch[0]))
+            energy += _square(piece)
+        if not math.isfinite(energy):
+            raise self.not_finite(name)
+        return out, energy
 
     def relative_change(self, name: str) -> float:
         """``||tuned - base|| / ||base||`` of a tensor (``/ ||tuned||`` when the base's is zero); 0 when equal.
@@ -168,14 +198,16 @@ class ModelPair:
         decoded. From the first chunk that differs, the norms are summed over the whole tensor. A
         dtype with no arithmetic here (complex, exotic 8-bit floats) counts as changed by 1.
         """
+        import numpy as np
         import torch
 
         base, tuned = self.base[name], self.tuned[name]
+        scratch = _scratch(base, tuned)
         if base.info.dtype == tuned.info.dtype:
             for start, count in _chunks(base.info.numel):
-                if not torch.equal(
-                    self.read(base, start, count).view(torch.uint8), self.read(tuned, start, count).view(torch.uint8)
-                ):
+                b = self.read(base, start, count, into=scratch[0]).view(torch.uint8).numpy()
+                t = self.read(tuned, start, count, into=scratch[1]).view(torch.uint8).numpy()
+                if not np.array_equal(b, t):
                     break
             else:
                 return 0.0
@@ -183,8 +215,8 @@ class ModelPair:
             return 1.0
         diff = norm_base = norm_tuned = 0.0
         for start, count in _chunks(base.info.numel):
-            b = self.read(base, start, count).to(torch.float64)
-            t = self.read(tuned, start, count).to(torch.float64)
+            b = self.read(base, start, count, into=scratch[0]).to(torch.float64)
+            t = self.read(tuned, start, count, into=scratch[1]).to(torch.float64)
             norm_base += _square(b)
             norm_tuned += _square(t)
             diff += _square(t.sub_(b))
@@ -211,6 +243,17 @@ def _square(values: torch.Tensor) -> float:
     import torch
 
     return float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
+
+
+def _scratch(base: Located, tuned: Located) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two byte buffers, one chunk of each tensor long."""
+    import torch
+
+    count = min(_CHUNK_ELEMENTS, base.info.numel)
+    return (
+        torch.empty(count * DTYPE_SIZES[base.info.dtype], dtype=torch.uint8),
+        torch.empty(count * DTYPE_SIZES[tuned.info.dtype], dtype=torch.uint8),
+    )
 
 
 def _chunks(numel: int) -> Iterator[tuple[int, int]]:
