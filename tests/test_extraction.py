@@ -100,15 +100,23 @@ def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path
     return base, tuned, root / "base", root / "tuned", changes
 
 
+#: The wide pair's changed 2-D tensors that are not projections: the input embedding (a transposed LoRA) and the head.
+EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+EVERYTHING = ["all-linear", "embed_tokens", "lm_head"]
+
+
 @pytest.fixture(scope="module")
 def wide_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Changes]:
-    """Wider projections (64 to 256 features) whose changes have a decaying spectrum: rank 4 truncates for real."""
+    """Wider projections (64 to 256 features) and embeddings whose changes have a decaying spectrum.
+
+    Rank 4 truncates them for real; the changed embeddings are left out unless targeted.
+    """
     root = tmp_path_factory.mktemp("extract-wide")
     base = tiny_llama(0, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     generator = torch.Generator().manual_seed(2)
 
     def change(name: str, param: torch.Tensor) -> torch.Tensor | None:
-        if not is_projection(name, param):
+        if not is_projection(name, param) and name not in EMBEDDINGS:
             return None
         out_dim, in_dim = param.shape
         rank = min(out_dim, in_dim)
@@ -141,7 +149,8 @@ def test_recovers_a_known_low_rank_change(llama_pair: tuple[Any, Any, Path, Path
 @pytest.mark.parametrize("rank", [4, 12])
 def test_randomized_path_reaches_the_optimal_error(wide_pair: tuple[Path, Path, Changes], rank: int) -> None:
     base_dir, tuned_dir, changes = wide_pair
-    adapter = extract(base_dir, tuned_dir, rank=rank)
+    adapter = extract(base_dir, tuned_dir, rank=rank, targets=EVERYTHING)
+    assert adapter.modules["model.embed_tokens"].spec.kind == "embedding"  # factored transposed
     recorded = adapter.metadata["lineage"]["truncation_error"]
     for name, delta in changes.items():
         module = module_of(name)
@@ -183,7 +192,7 @@ def test_top_singular_grows_from_a_start_and_matches_dense_svd() -> None:
 def test_energy_picks_the_smallest_rank_keeping_the_fraction(wide_pair: tuple[Path, Path, Changes]) -> None:
     base_dir, tuned_dir, changes = wide_pair
     fraction = 0.95
-    adapter = extract(base_dir, tuned_dir, energy=fraction)
+    adapter = extract(base_dir, tuned_dir, energy=fraction, targets=EVERYTHING)
     kept = adapter.metadata["lineage"]["kept_energy"]
     for name, delta in changes.items():
         module = module_of(name)
@@ -384,7 +393,7 @@ def test_dtypes_and_sharding_may_differ_between_the_models(tmp_path: Path) -> No
 
 def test_factors_in_bf16_report_the_error_of_the_rounded_factors(wide_pair: tuple[Path, Path, Changes]) -> None:
     base_dir, tuned_dir, changes = wide_pair
-    adapter = extract(base_dir, tuned_dir, rank=4, dtype="bf16")
+    adapter = extract(base_dir, tuned_dir, rank=4, dtype="bf16", targets=EVERYTHING)
     recorded = adapter.metadata["lineage"]["truncation_error"]
     for name, delta in changes.items():
         module = module_of(name)
@@ -556,7 +565,10 @@ def test_error_is_at_most_mergekits_for_every_module(wide_pair: tuple[Path, Path
     peer = read_adapter(out)
     ours = extract(base_dir, tuned_dir, rank=4)
     assert set(ours.modules) <= set(peer.modules)
+    assert set(ours.metadata["lineage"]["left_out"]) == set(EMBEDDINGS)
     for name, delta in changes.items():
+        if name in EMBEDDINGS:
+            continue  # mergekit copies embeddings whole (modules_to_save); ours reports them left out
         module = module_of(name)
         theirs = achieved_error(peer, module, delta)
         mine = achieved_error(ours, module, delta)

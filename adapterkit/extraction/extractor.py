@@ -39,8 +39,11 @@ from adapterkit.extraction.lowrank import (
     allocate_budget,
     balanced_factors,
     energy_rank,
+    gaussian_sketch,
     relative_error,
+    sketch_width,
     top_singular,
+    uses_exact_svd,
 )
 from adapterkit.extraction.pair import ModelPair, change_dtype, torch_dtype
 from adapterkit.extraction.plan import ExtractionPlan, PlannedModule, plan_extraction
@@ -60,6 +63,17 @@ _FIRST_ENERGY_RANK = 32
 _BUFFERS = 2
 #: A module's energy below which ``energy - kept`` is too close to rounding to be trusted as the error.
 _CANCELLATION = 1e-4
+
+
+@dataclass
+class _Formed:
+    """A change the reader formed: the module, the change, its squared norm, its buffer, and a sketch of it."""
+
+    module: PlannedModule
+    delta: torch.Tensor
+    energy: float
+    buffer: torch.Tensor
+    sketch: torch.Tensor | None
 
 
 @dataclass
@@ -120,8 +134,7 @@ class _Extraction:
         import torch
 
         by_tensor = {module.tensor: module for module in self.plan.modules}
-        handoff: queue.Queue[tuple[PlannedModule, torch.Tensor, float, torch.Tensor] | BaseException | None]
-        handoff = queue.Queue()
+        handoff: queue.Queue[_Formed | BaseException | None] = queue.Queue()
         free: queue.Queue[torch.Tensor | None] = queue.Queue()
         for _ in range(_BUFFERS):
             free.put(None)  # allocated on first use
@@ -153,8 +166,9 @@ class _Extraction:
                         buffer = take_buffer(change_dtype(where, self.plan.tuned_tensors[name]))
                         if buffer is None:
                             return  # the caller stopped
-                        delta, energy = self.pair.delta(name, into=buffer)
-                        handoff.put((module, delta, energy, buffer))
+                        sketch, rows_done = self.sketcher(module, buffer.dtype)
+                        delta, energy = self.pair.delta(name, into=buffer, rows_done=rows_done)
+                        handoff.put(_Formed(module, delta, energy, buffer, sketch))
                     read[0] += where.info.nbytes + self.plan.tuned_tensors[name].info.nbytes
                 handoff.put(None)
             except BaseException as exc:  # handed to the caller's thread, which raises it
@@ -166,10 +180,10 @@ class _Extraction:
             while (item := handoff.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                module, delta, energy, buffer = item
-                self.factor(module, self.oriented(module, delta), energy)
-                del item, delta
-                free.put(buffer)
+                module = item.module
+                self.factor(module, self.oriented(module, item.delta), item.energy, item.sketch)
+                free.put(item.buffer)
+                del item
                 if progress is not None:
                     progress(read[0], self.plan.read_bytes, module.tensor)
         finally:
@@ -178,25 +192,62 @@ class _Extraction:
         if progress is not None:
             progress(self.plan.read_bytes, self.plan.read_bytes, "")
 
-    def factor(self, module: PlannedModule, M: torch.Tensor, total: float) -> None:
-        """Factor one module's change ``M`` (``total`` is its squared norm) as the rank rule says."""
+    def first_rank(self, module: PlannedModule) -> int:
+        """The triplets the first factoring of a module looks for."""
+        if self.plan.selection.rank is not None:
+            return module.rank or 0
+        if self.plan.selection.energy is not None:
+            return min(_FIRST_ENERGY_RANK, module.max_rank)
+        return min(self.first_budget_rank(), module.max_rank)
+
+    def sketcher(
+        self, module: PlannedModule, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, Callable[[slice, torch.Tensor], None] | None]:
+        """A sketch ``M @ Ω`` to fill while the change is read (a block of rows at a time, in cache), and its filler.
+
+        The first product of the randomized SVD is then done by the reader thread, for free while it
+        waits on memory; nothing when the module gets an exact SVD or the maths runs on a GPU.
+        """
+        import torch
+
+        shape = (module.out_features, module.in_features)
+        k = self.first_rank(module)
+        if self.device.type != "cpu" or uses_exact_svd(shape, k):
+            return None, None
+        omega = gaussian_sketch(module.in_features, sketch_width(shape, k), dtype)
+        sketch = torch.zeros(module.out_features, omega.shape[1], dtype=dtype)
+        if module.transposed:  # M = Dᵀ: M @ Ω is the sum over row blocks of D[rows]ᵀ @ Ω[rows]
+
+            def fill(rows: slice, block: torch.Tensor) -> None:
+                sketch.addmm_(block.T, omega[rows])
+
+        else:
+
+            def fill(rows: slice, block: torch.Tensor) -> None:
+                torch.mm(block, omega, out=sketch[rows])
+
+        return sketch, fill
+
+    def factor(self, module: PlannedModule, M: torch.Tensor, total: float, sketch: torch.Tensor | None = None) -> None:
+        """Factor one module's change ``M`` (``total`` is its squared norm) as the rank rule says.
+
+        ``sketch`` is ``M @ gaussian_sketch(...)`` for :meth:`first_rank` triplets, when the reader formed it.
+        """
         selection = self.plan.selection
         if total == 0.0:
             self.unchanged.append(module.name)
             return
+        k = self.first_rank(module)
+        spectrum = top_singular(M, k, energy=total, sketch=sketch)
         if selection.rank is not None:
-            rank = module.rank or 0
-            self.finish(module, top_singular(M, rank, energy=total), rank, M)
+            self.finish(module, spectrum, k, M)
         elif selection.energy is not None:
-            k = min(_FIRST_ENERGY_RANK, module.max_rank)
-            spectrum = top_singular(M, k, energy=total)
             while (rank := energy_rank(spectrum, selection.energy)) is None:
                 k = min(2 * k, module.max_rank)
                 spectrum = top_singular(M, k, start=spectrum.Vh.T, energy=total)
             self.finish(module, spectrum, rank, M)
         else:
-            k = min(self.first_budget_rank(), module.max_rank)
-            self.spectra[module.name] = top_singular(M, k, energy=total).truncate(module.max_rank)
+            self.spectra[module.name] = spectrum.truncate(module.max_rank)
 
     def first_budget_rank(self) -> int:
         """Triplets the budget's first pass keeps per module: about twice the rank a uniform split affords."""

@@ -28,6 +28,7 @@ __all__ = [
     "allocate_budget",
     "balanced_factors",
     "energy_rank",
+    "gaussian_sketch",
     "relative_error",
     "residual_norm",
     "sketch_width",
@@ -43,6 +44,8 @@ _MAX_ITERATIONS = 16
 #: ``_FLOOR`` of the total, float32's resolution of it) ends the iterations: the error has converged.
 _CONVERGED = 1e-4
 _FLOOR = 1e-7
+#: Matrices up to this many entries get their exact SVD in float64.
+_EXACT_IN_FLOAT64 = 1 << 22
 #: Entries in one block of rows when a residual is measured (keeps the temporary small).
 _BLOCK_ENTRIES = 1 << 22
 #: Below this fraction of ||D||² the lost energy is measured from D - BA: ``energy - kept`` would cancel.
@@ -106,32 +109,48 @@ def _energy(D: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2
 
 
+def gaussian_sketch(in_dim: int, q: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The seeded in x q Gaussian test matrix :func:`top_singular` starts from (the same on every device)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(in_dim, q, generator=generator, dtype=dtype).to(device)
+
+
 def top_singular(
-    D: torch.Tensor, k: int, *, start: torch.Tensor | None = None, energy: float | None = None
+    D: torch.Tensor,
+    k: int,
+    *,
+    start: torch.Tensor | None = None,
+    energy: float | None = None,
+    sketch: torch.Tensor | None = None,
 ) -> Spectrum:
     """The leading ``k`` singular triplets of ``D`` (float32 or float64, any device).
 
     Exact SVD when :func:`uses_exact_svd` says so (then every triplet is returned). Otherwise a
-    randomized range finder: a seeded Gaussian sketch (its first columns taken from ``start``, an
-    in x s matrix of directions already known, when growing an earlier result), then subspace
-    iterations, each followed by a Rayleigh-Ritz step (an SVD of the thin ``Qᵀ D``) that gives
-    the current triplets and the energy they capture; the iterations stop when that energy stops
-    growing. ``energy`` is ``||D||_F²`` when the caller has it.
+    randomized range finder: ``D`` times a seeded Gaussian test matrix (:func:`gaussian_sketch`;
+    ``sketch`` is that product when the caller formed it already, while ``D`` was being read; with
+    ``start``, an in x s matrix of directions already known when growing an earlier result, those
+    take the first columns), then subspace iterations, each followed by a Rayleigh-Ritz step (an
+    SVD of the thin ``Qᵀ D``) that gives the current triplets and the energy they capture, until
+    the energy still to gain is negligible. ``energy`` is ``||D||_F²`` when the caller has it.
     """
     out_dim, in_dim = D.shape
     total = _energy(D) if energy is None else energy
     k = max(0, min(k, out_dim, in_dim))
     if uses_exact_svd((out_dim, in_dim), k):
-        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+        # float64 while it is cheap: float32's SVD leaves ~1e-6 of ||D|| in the reconstruction, which is a
+        # visible part of a small truncation error
+        wide = D.double() if D.numel() <= _EXACT_IN_FLOAT64 else D
+        U, S, Vh = torch.linalg.svd(wide, full_matrices=False)
         U, Vh = _fix_signs(U, Vh)
-        return Spectrum(U, S, Vh, total, complete=True)
+        return Spectrum(U.to(D.dtype), S.to(D.dtype), Vh.to(D.dtype), total, complete=True)
     q = sketch_width((out_dim, in_dim), k)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    omega = torch.randn(in_dim, q, generator=generator, dtype=D.dtype).to(D.device)
     if start is not None and start.shape[1]:
+        omega = gaussian_sketch(in_dim, q, D.dtype, D.device)
         known = start[:, : q - _MIN_OVERSAMPLE // 2].to(device=D.device, dtype=D.dtype)
-        omega = torch.cat([known, omega[:, known.shape[1] :]], dim=1)
-    Q = torch.linalg.qr(D @ omega).Q
+        sketch = D @ torch.cat([known, omega[:, known.shape[1] :]], dim=1)
+    elif sketch is None or sketch.shape != (out_dim, q):
+        sketch = D @ gaussian_sketch(in_dim, q, D.dtype, D.device)
+    Q = torch.linalg.qr(sketch).Q
     captured_before = -math.inf
     for _ in range(_MAX_ITERATIONS):
         Z = D.T @ Q  # (Qᵀ D)ᵀ: the row space the current left directions reach
@@ -148,12 +167,12 @@ def top_singular(
 def _converged(gain: float, S: torch.Tensor, k: int, lost: float, total: float) -> bool:
     """Whether the energy still to gain by iterating is below ``_CONVERGED`` of what is lost (or float noise).
 
-    Subspace iteration shrinks the angle of the k-th direction by about ``σ_{q+1} / σ_k`` per
-    iteration, so the energy it will still gain is about ``gain * ρ / (1 - ρ)`` with
-    ``ρ = (σ_{q+1} / σ_k)²`` (the ratio squared: a margin over the energy's own rate, the fourth
-    power). The sketch's last value stands for σ_{q+1}. With a gap after the k-th value, as a
-    fine-tune's low-rank change above noise has, the second estimate is already final, and the
-    iterations stop there; a flat spectrum keeps iterating until the gain itself is small.
+    Subspace iteration shrinks the angle of the k-th direction by about ``s[q+1] / s[k]`` per
+    iteration (s the singular values), so the energy it will still gain is about
+    ``gain * rate / (1 - rate)`` with ``rate = (s[q+1] / s[k])**2`` (the ratio squared: a margin over
+    the energy's own rate, the fourth power). The sketch's last value stands for ``s[q+1]``. With a
+    gap after the k-th value, as a fine-tune's low-rank change above noise has, the second estimate
+    is already final and the iterations stop there; a flat spectrum iterates until the gain is small.
     """
     tolerance = _CONVERGED * lost + _FLOOR * total
     if gain <= tolerance:

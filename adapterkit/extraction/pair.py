@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,13 +162,19 @@ class ModelPair:
             self._read_into(where, memoryview(buffer.numpy()), where.offset + start * size)
         return buffer.view(dtype)
 
-    def delta(self, name: str, into: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    def delta(
+        self,
+        name: str,
+        into: torch.Tensor | None = None,
+        rows_done: Callable[[slice, torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, float]:
         """``tuned - base`` for one tensor (float32, float64 if either is float64), shaped like it; and its
         squared Frobenius norm.
 
-        Formed a chunk at a time from two small reused buffers, the norm summed in float64 while
-        each chunk is in cache: the change itself is the only full-size tensor, written into
-        ``into`` (a flat buffer of the change's dtype) when that is large enough.
+        Formed a block of whole rows at a time from two small reused buffers; the norm is summed in
+        float64, and ``rows_done(rows, block)`` is called, while each block is in cache. The change
+        itself is the only full-size tensor, written into ``into`` (a flat buffer of the change's
+        dtype) when that is large enough.
         """
         import torch
 
@@ -179,14 +185,21 @@ class ModelPair:
             flat = into[:numel]
         else:
             flat = torch.empty(numel, dtype=wide)
-        out = flat.view(base.info.shape)
-        scratch = _scratch(base, tuned)
+        shape = base.info.shape
+        out = flat.view(shape)
+        width = max(1, numel // shape[0]) if shape and shape[0] else 1
+        step = max(1, _CHUNK_ELEMENTS // width)
+        scratch = _scratch(base, tuned, step * width)
         energy = 0.0
-        for start, count in _chunks(base.info.numel):
+        for first in range(0, numel // width, step):
+            rows = slice(first, min(first + step, numel // width))
+            start, count = rows.start * width, (rows.stop - rows.start) * width
             piece = flat[start : start + count]
             piece.copy_(self.read(tuned, start, count, into=scratch[1]))
             piece.sub_(self.read(base, start, count, into=scratch[0]))
             energy += _square(piece)
+            if rows_done is not None and len(shape) == 2:
+                rows_done(rows, piece.view(-1, width))
         if not math.isfinite(energy):
             raise self.not_finite(name)
         return out, energy
@@ -245,11 +258,11 @@ def _square(values: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
 
 
-def _scratch(base: Located, tuned: Located) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two byte buffers, one chunk of each tensor long."""
+def _scratch(base: Located, tuned: Located, elements: int = _CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two byte buffers, ``elements`` of each tensor long (at most the whole tensor)."""
     import torch
 
-    count = min(_CHUNK_ELEMENTS, base.info.numel)
+    count = min(elements, base.info.numel)
     return (
         torch.empty(count * DTYPE_SIZES[base.info.dtype], dtype=torch.uint8),
         torch.empty(count * DTYPE_SIZES[tuned.info.dtype], dtype=torch.uint8),
