@@ -806,9 +806,12 @@ def _extract_text(lineage: dict[str, Any], adapter: Any, first: str) -> str:
     ]
     if errors:
         worst = max(errors, key=errors.get)
+        norms = lineage["change_norm"]
+        total = sum(norm**2 for norm in norms.values())
+        overall = sum(kept[m] * norms[m] ** 2 for m in norms) / total if total else 1.0
         lines.append(
             f"error: max {errors[worst]:.2e} ({worst}), mean {sum(errors.values()) / len(errors):.2e}; "
-            f"kept energy: min {min(kept.values()):.2%}"
+            f"kept energy: {overall:.2%} overall, min {min(kept.values()):.2%}"
         )
     for key in sorted(adapter.extra_tensors):
         lines.append(f"carried in full: {key.removeprefix(adapter.key_prefix)}")

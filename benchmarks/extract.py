@@ -25,6 +25,7 @@ adapter that carries only what changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -45,6 +46,7 @@ def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> tup
     kv_heads = heads  # full multi-head attention: every projection of a layer but the MLP's is hidden x hidden
     head_dim = hidden // heads
     config: dict[str, object] = dict(
+        architectures=["LlamaForCausalLM"],  # mergekit picks its architecture description from this
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -202,10 +204,8 @@ def measure(cmd: list[str], done: Path | None = None) -> tuple[float, float, flo
     lines = output.decode().strip().splitlines()
     inside = elapsed
     if lines:
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             inside = json.loads(lines[-1])["inside"]
-        except (ValueError, KeyError, TypeError):
-            pass
     return elapsed, usage.ru_maxrss / 1024, inside  # Linux reports ru_maxrss in KiB
 
 
@@ -249,12 +249,21 @@ def main() -> None:
         programs = {
             "adapterkit extract": (lambda out: [*me, "--child", "adapterkit", base, tuned, out, str(args.rank)]),
             "mergekit-extract-lora": (
-                lambda out: [mergekit, "--model", tuned, "--base-model", base, "--out-path", out, "--max-rank",
-                             str(args.rank)]
+                lambda out: [
+                    mergekit,
+                    "--model",
+                    tuned,
+                    "--base-model",
+                    base,
+                    "--out-path",
+                    out,
+                    "--max-rank",
+                    str(args.rank),
+                ]
             ),
         }
-        subprocess.run(["cat", *map(str, sorted((work / "base").iterdir())), *map(str, sorted((work / "tuned").iterdir()))],
-                       stdout=subprocess.DEVNULL, check=True)
+        files = [str(path) for side in ("base", "tuned") for path in sorted((work / side).iterdir())]
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # page cache warm for both
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in programs}
         sizes: dict[str, int] = {}
         kept = {"adapterkit extract": work / "ours", "mergekit-extract-lora": work / "theirs"}
@@ -267,9 +276,9 @@ def main() -> None:
                     out.rename(kept[name])
                 else:
                     shutil.rmtree(out)
+        ours_dir, theirs_dir = str(kept["adapterkit extract"]), str(kept["mergekit-extract-lora"])
         checked = subprocess.run(
-            [*me, "--child", "errors", base, tuned, str(kept["adapterkit extract"]), str(kept["mergekit-extract-lora"])],
-            capture_output=True, check=True,
+            [*me, "--child", "errors", base, tuned, ours_dir, theirs_dir], capture_output=True, check=True
         )
         report = json.loads(checked.stdout.decode().strip().splitlines()[-1])
         ours, theirs = report["errors"]["ours"], report["errors"]["theirs"]
@@ -277,11 +286,15 @@ def main() -> None:
             name: tuple(statistics.median(run[i] for run in runs) for i in range(3)) for name, runs in results.items()
         }
         worst = {"adapterkit extract": max(ours.values()), "mergekit-extract-lora": max(theirs.values())}
-        print(f"{'':22s} {'wall':>9s} {'past imports':>13s} {'peak RSS':>10s} {'adapter':>10s} {'worst error':>12s}"
-              f"   (medians of {args.repeat})")
+        print(
+            f"{'':22s} {'wall':>9s} {'past imports':>13s} {'peak RSS':>10s} {'adapter':>10s} {'worst error':>12s}"
+            f"   (medians of {args.repeat})"
+        )
         for name, (seconds, rss, inside) in summary.items():
-            print(f"{name:22s} {seconds:7.2f} s {inside:11.2f} s {rss:7.0f} MB {sizes[name] / 1e6:7.1f} MB "
-                  f"{worst[name]:12.4e}")
+            print(
+                f"{name:22s} {seconds:7.2f} s {inside:11.2f} s {rss:7.0f} MB {sizes[name] / 1e6:7.1f} MB "
+                f"{worst[name]:12.4e}"
+            )
         (ak_t, ak_m, _), (mk_t, mk_m, _) = summary.values()
         not_worse = sum(ours[m] <= theirs[m] * (1 + 1e-6) for m in ours)
         carried = report["modules_to_save"]

@@ -496,6 +496,10 @@ def test_lineage_and_store(llama_pair: tuple[Any, Any, Path, Path, Changes], tmp
         "content_digest": adapterkit.fingerprint(tuned_dir, content=True).content_digest,
     }
     assert adapter.metadata["base_model"]["structure_digest"] == adapterkit.fingerprint(base_dir).structure_digest
+    _, _, _, _, changes = llama_pair
+    for name, delta in changes.items():
+        if name != "model.norm.weight":
+            assert lineage["change_norm"][module_of(name)] == pytest.approx(float(delta.norm()), rel=1e-4)
     store = Store(tmp_path / "store")
     first = store.put(adapter, "me/extracted")
     again = store.put(extract(base_dir, tuned_dir, rank=4, content_digest=True), "me/extracted:again")

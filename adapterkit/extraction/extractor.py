@@ -84,6 +84,8 @@ class _Factored:
     B: torch.Tensor
     error: float
     kept: float
+    #: ``||D||_F``, the size of the module's change
+    norm: float
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -265,7 +267,7 @@ class _Extraction:
         B = B.to(device="cpu", dtype=self.out_dtype).contiguous()
         error = relative_error(spectrum, rank, M, factors=(A, B) if self.rounded else None)
         kept = spectrum.kept(rank) / spectrum.energy
-        self.results[module.name] = _Factored(A, B, error, min(kept, 1.0))
+        self.results[module.name] = _Factored(A, B, error, min(kept, 1.0), math.sqrt(spectrum.energy))
 
     def fit_budget(self) -> dict[str, int]:
         """Share the budget by allocating each next rank where it keeps the most energy per parameter."""
@@ -303,7 +305,7 @@ class _Extraction:
                 continue
             rank = ranks[module.name]
             if rank == 0:
-                self.results[module.name] = _Factored(_empty(), _empty(), 1.0, 0.0)
+                self.results[module.name] = _Factored(_empty(), _empty(), 1.0, 0.0, math.sqrt(spectrum.energy))
                 continue
             lost = spectrum.energy - spectrum.kept(rank)
             M = self.change(module)[0] if self.rounded or lost < _CANCELLATION * spectrum.energy else None
@@ -401,12 +403,14 @@ def _assemble(
     modules: dict[str, LoraModule] = {}
     errors: dict[str, float] = {}
     kept: dict[str, float] = {}
+    norms: dict[str, float] = {}
     for planned in plan.modules:
         result = run.results.get(planned.name)
         if result is None:
             continue
         errors[planned.name] = result.error
         kept[planned.name] = result.kept
+        norms[planned.name] = result.norm
         rank = result.A.shape[0]
         if rank == 0:
             continue
@@ -453,6 +457,7 @@ def _assemble(
         "source": source,
         "truncation_error": errors,
         "kept_energy": kept,
+        "change_norm": norms,
         "left_out": dict(sorted(left_out.items())),
         "unchanged": sorted(run.unchanged),
     }

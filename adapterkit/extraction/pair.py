@@ -253,9 +253,9 @@ class ModelPair:
 
 
 def _square(values: torch.Tensor) -> float:
-    import torch
-
-    return float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
+    """The sum of squares of one chunk: torch's cascade summation keeps it to ~1e-7 relative in float32
+    (the chunks' sums are added in Python floats), at a third of the cost of widening to float64."""
+    return float(values.square().sum())
 
 
 def _scratch(base: Located, tuned: Located, elements: int = _CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -277,7 +277,7 @@ def _select(
             if len(shape) != 2:
                 raise ExtractionError(
                     f"target {pattern!r} matches {weights[module]}, which is {list(shape)}: only 2-D weights are "
-                    "extracted (use keep_changed for norms and biases)"
+                    "extracted (norms and biases are carried whole with --keep-changed)"
                 )
             if dtype not in _FLOAT_DTYPES:
                 raise ExtractionError(
