@@ -159,6 +159,8 @@ class _Extraction:
         def reader() -> None:
             try:
                 for name, where in self.plan.base_tensors.items():
+                    if stop.is_set():
+                        return  # the caller failed or was interrupted
                     module = by_tensor.get(name)
                     if module is None:
                         relative = self.pair.relative_change(name)
