@@ -17,6 +17,7 @@ from adapterkit.errors import (
     AmbiguousReferenceError,
     BaseModelError,
     CompositionError,
+    ExtractionError,
     IncompatibleAdaptersError,
     IntegrityError,
     InvalidInputError,
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from adapterkit.analysis.spectra import inspect
     from adapterkit.composition.engine import compose
     from adapterkit.composition.plan import plan_compose
+    from adapterkit.extraction import extract, plan_extraction
     from adapterkit.formats.peft import read_adapter, write_adapter
     from adapterkit.merging.dry_run import plan_merge
     from adapterkit.merging.stacking import attach
@@ -92,6 +94,7 @@ __all__ = [
     "CompositionError",
     "ExportResult",
     "Format",
+    "ExtractionError",
     "GcReport",
     "IncompatibleAdaptersError",
     "IntegrityError",
@@ -132,6 +135,7 @@ __all__ = [
     "__version__",
     "attach",
     "compose",
+    "extract",
     "find_format",
     "fingerprint",
     "get_plugins",
@@ -146,6 +150,7 @@ __all__ = [
     "parse_ref",
     "parse_tag_ref",
     "plan_compose",
+    "plan_extraction",
     "plan_merge",
     "plot",
     "pull",
@@ -169,6 +174,8 @@ _LAZY = {
     "plot": "adapterkit.analysis.plotting",
     "read_adapter": "adapterkit.formats.peft",
     "write_adapter": "adapterkit.formats.peft",
+    "extract": "adapterkit.extraction",
+    "plan_extraction": "adapterkit.extraction",
 }
 
 

@@ -8,6 +8,7 @@ neither torch nor transformers, so ``adapterkit list`` starts fast.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -332,7 +333,12 @@ def show(ctx: click.Context, ref: str) -> None:
         if info["carried"]:
             lines.append(f"carried:     {', '.join(info['carried'])} (kept as is, not interpreted)")
         lineage = info["lineage"]
-        if lineage:
+        if lineage and lineage.get("source"):
+            source = lineage["source"]
+            lines.append(
+                f"lineage:     {lineage['strategy']} from {source['name']} ({_short(source['structure_digest'])})"
+            )
+        elif lineage:
             parents = ", ".join(f"{_short(p['digest'])} x {p['weight']}" for p in lineage["parents"])
             lines.append(f"lineage:     {lineage['strategy']} of {parents}")
         lines.append("files:")
@@ -952,6 +958,172 @@ def demo(ctx: click.Context, workdir: Path | None) -> None:
             "adapters": Store(root / "store").list(),
         }
         click.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def _parse_budget(text: str | None) -> int | None:
+    """``--budget``: a number of parameters, with an optional k, M or G (``5M`` is 5,000,000)."""
+    if text is None:
+        return None
+    cleaned = text.strip().replace(",", "").replace("_", "")
+    scale = _SUFFIXES.get(cleaned[-1:].lower(), 1)
+    number = cleaned[:-1] if scale != 1 else cleaned
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1 or not value.is_integer():
+        raise click.BadParameter(
+            f"{text!r} is not a whole, positive number of parameters (e.g. 500000 or 5M)", param_hint="--budget"
+        )
+    return int(value)
+
+
+def _selection_text(selection: dict[str, Any]) -> str:
+    if "rank" in selection:
+        return f"at rank {selection['rank']}"
+    if "energy" in selection:
+        return f"keeping {selection['energy']:.4g} of each module's energy"
+    return f"within {selection['budget']:,} parameters"
+
+
+def _extract_plan_text(plan: dict[str, Any]) -> str:
+    ranks, params, size = plan["ranks"], plan["parameters"], plan["adapter_bytes"]
+    if params["min"] == params["max"]:
+        amount = f"{params['max']:,} parameters, {human_size(size['max'])}"
+    else:
+        amount = f"at most {params['max']:,} parameters, {human_size(size['max'])}"
+    lines = [
+        f"plan: extract {plan['num_modules']} modules {_selection_text(plan['selection'])}",
+        f"ranks:   {_span(ranks)}" + ("" if "rank" in plan["selection"] else " (decided by each module's spectrum)"),
+        f"adapter: {amount} in {plan['dtype']}",
+        f"reads:   {human_size(plan['read_bytes'])} of weights; {plan['compared_tensors']} tensors that are not "
+        "targeted are compared and reported if changed",
+    ]
+    if plan["tied_embedding"]:
+        lines.append(f"tied:    {plan['tied_embedding']} is both the input embedding and the output layer")
+    for module in plan["modules"]:
+        rank = module["rank"] if module["rank"] is not None else f"<= {module['max_rank']}"
+        lines.append(f"  {module['name']}  {module['in']}->{module['out']}  rank {rank}")
+    return "\n".join(lines)
+
+
+def _extract_text(lineage: dict[str, Any], adapter: Any, first: str) -> str:
+    errors, kept = lineage["truncation_error"], lineage["kept_energy"]
+    ranks = sorted({module.spec.r for module in adapter.modules.values()})
+    lines = [
+        f"{first} (extract {_selection_text(lineage['parameters'])}: {len(adapter.modules)} modules, "
+        f"ranks {_ranks_text(ranks)}, {adapter.num_parameters:,} parameters)"
+    ]
+    if errors:
+        worst = max(errors, key=errors.get)
+        norms = lineage["change_norm"]
+        total = sum(norm**2 for norm in norms.values())
+        overall = sum(kept[m] * norms[m] ** 2 for m in norms) / total if total else 1.0
+        lines.append(
+            f"error: max {errors[worst]:.2e} ({worst}), mean {sum(errors.values()) / len(errors):.2e}; "
+            f"kept energy: {overall:.2%} overall, min {min(kept.values()):.2%}"
+        )
+    for key in sorted(adapter.extra_tensors):
+        lines.append(f"carried in full: {key.removeprefix(adapter.key_prefix)}")
+    for name, change in lineage["left_out"].items():
+        lines.append(f"left out: {name} changed by {change:.2e} (relative), not targeted")
+    if lineage["unchanged"]:
+        lines.append(f"unchanged: {len(lineage['unchanged'])} targeted weights, not in the adapter")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option(
+    "--base", "base_dir", required=True, type=click.Path(path_type=Path), metavar="BASE_DIR", help="Base model folder."
+)
+@click.option(
+    "--tuned",
+    "tuned_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="TUNED_DIR",
+    help="Fine-tuned model folder (same architecture).",
+)
+@click.option("--rank", type=int, help="One rank for every module.")
+@click.option(
+    "--energy", type=float, help="Per module, the smallest rank keeping this fraction of its change's energy."
+)
+@click.option(
+    "--budget", metavar="PARAMS", help="Total parameters (e.g. 5M), given to the ranks that keep the most energy."
+)
+@click.option(
+    "--targets",
+    multiple=True,
+    metavar="PATTERN",
+    help="Module names or suffixes (q_proj, lm_head, all-linear), repeated or comma-separated [default: all-linear].",
+)
+@click.option(
+    "--keep-changed",
+    is_flag=True,
+    help="Carry changed tensors that are not targeted (norms, biases) in full, as modules_to_save.",
+)
+@click.option("--dtype", help="dtype of the factors (fp32, bf16, fp16) [default: fp32].")
+@click.option("--device", help="torch device for the maths, e.g. cuda [default: cpu].")
+@click.option("--content-digest", is_flag=True, help="Record the fine-tuned model's content digest (reads it again).")
+@click.option("--tag", "-t", metavar="NAME[:TAG]", help="Store the adapter under this ref.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), metavar="DIR", help="Write it as a PEFT folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan from the headers; read no weight, write nothing.")
+@json_option
+@click.pass_context
+def extract(
+    ctx: click.Context,
+    base_dir: Path,
+    tuned_dir: Path,
+    rank: int | None,
+    energy: float | None,
+    budget: str | None,
+    targets: tuple[str, ...],
+    keep_changed: bool,
+    dtype: str | None,
+    device: str | None,
+    content_digest: bool,
+    tag: str | None,
+    out_dir: Path | None,
+    dry_run: bool,
+) -> None:
+    """Turn the fine-tuned model TUNED_DIR into a LoRA adapter on BASE_DIR, streamed tensor by tensor."""
+    given = [
+        name for name, value in (("--rank", rank), ("--energy", energy), ("--budget", budget)) if value is not None
+    ]
+    if len(given) != 1:
+        raise click.UsageError("Give exactly one of --rank, --energy or --budget.")
+    if tag is None and out_dir is None and not dry_run:
+        raise click.UsageError("Missing option '--tag' or '--out' (needed unless --dry-run).")
+    patterns = [part.strip() for text in targets for part in text.split(",") if part.strip()] or None
+    options = dict(
+        rank=rank, energy=energy, budget=_parse_budget(budget), targets=patterns, keep_changed=keep_changed, dtype=dtype
+    )
+    if dry_run:
+        plan = adapterkit.plan_extraction(base_dir, tuned_dir, **options).to_json()
+        _emit(ctx, plan, lambda: _extract_plan_text(plan))
+        return
+    if out_dir is not None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise adapterkit.InvalidInputError(f"{out_dir}: already exists and is not an empty directory")
+    with _lazy_progress("extracting") as progress:
+        adapter = adapterkit.extract(
+            base_dir, tuned_dir, **options, device=device, content_digest=content_digest, progress=progress
+        )
+    assert adapter.metadata is not None
+    lineage = adapter.metadata["lineage"]
+    document: dict[str, Any] = {"digest": None, "refs": [], "lineage": lineage, "out": None}
+    firsts = []
+    if tag is not None:
+        result = _store(ctx).put(adapter, tag, message=f"extract {tuned_dir}")
+        document = {**result.info, "ref": result.ref, "new_bytes": result.new_bytes, "out": None}
+        firsts.append(f"{result.ref} {result.digest}")
+    if out_dir is not None:
+        adapterkit.write_adapter(adapter, out_dir)
+        document["out"] = str(out_dir)
+        firsts.append(f"wrote {out_dir}")
+    _emit(ctx, document, lambda: _extract_text(lineage, adapter, ", ".join(firsts)))
 
 
 def _load_plugin_commands() -> None:

@@ -12,6 +12,7 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
     │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
     │   ├── NonFiniteError           a NaN or infinity in a tensor, or a weight whose products overflow
+    │   ├── ExtractionError          a (base, fine-tuned) pair that cannot be turned into an adapter as asked
     │   └── CompositionError         adapters that cannot be blended as asked
     │       ├── IncompatibleAdaptersError  different bases, or one module shaped differently
     │       └── UnknownStrategyError       no plugin registered that strategy
@@ -36,6 +37,7 @@ __all__ = [
     "AmbiguousReferenceError",
     "BaseModelError",
     "CompositionError",
+    "ExtractionError",
     "IncompatibleAdaptersError",
     "IntegrityError",
     "InvalidInputError",
@@ -100,6 +102,10 @@ class NonFiniteError(InvalidInputError):
     adapterkit never stores or writes a non-finite value: one NaN in a factor spreads to every
     entry of a module's delta, and a merged model with NaN weights loads and then emits garbage.
     """
+
+
+class ExtractionError(InvalidInputError):
+    """A base and a fine-tuned model that cannot be turned into an adapter as asked (structure, targets, ranks)."""
 
 
 class CompositionError(InvalidInputError):

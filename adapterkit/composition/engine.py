@@ -47,6 +47,7 @@ __all__ = [
     "common_shape",
     "compose",
     "delta_norm",
+    "derived_config",
     "prepare",
     "resolve_strategy",
 ]
@@ -385,7 +386,7 @@ def compose(
     if errors:
         lineage["truncation_error"] = errors
 
-    config = _derived_config(adapters[0].config, modules)
+    config = derived_config(adapters[0].config, modules)
     extras = _shared_extras(adapters)
     blended = Adapter(config=config, modules=modules, extra_tensors=extras, key_prefix=adapters[0].key_prefix)
     blended.metadata = {"base_model": blend.base_model, "lineage": lineage}
@@ -422,7 +423,7 @@ def _identity(parent: Adapter, base_model: dict[str, Any] | None, lineage: dict[
     return copy
 
 
-def _derived_config(first: Mapping[str, Any], modules: Mapping[str, Any]) -> dict[str, Any]:
+def derived_config(first: Mapping[str, Any], modules: Mapping[str, Any]) -> dict[str, Any]:
     """A PEFT config under which every module gets scaling 1 (alpha = r), whatever its rank.
 
     Targets are the exact module paths, so PEFT creates LoRA layers on precisely the blended
