@@ -26,12 +26,12 @@ from click.testing import CliRunner
 from helpers import load_peft, logits, max_abs_diff, save_base, tiny_gpt2, tiny_llama
 
 import adapterkit
+from adapterkit import Store
 from adapterkit.cli import cli
 from adapterkit.errors import ExtractionError, InvalidInputError
 from adapterkit.extraction import extract, plan_extraction
 from adapterkit.extraction.lowrank import Spectrum, allocate_budget, energy_rank, top_singular, uses_exact_svd
 from adapterkit.formats.peft import read_adapter, write_adapter
-from adapterkit.store import Store
 
 Changes = dict[str, torch.Tensor]
 

@@ -32,6 +32,7 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
+from adapterkit.adapter.model import tensors_to_bytes
 from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adapterkit.files.safetensors import iter_canonical_bytes, read_header
 from adapterkit.formats.peft import (
@@ -42,7 +43,6 @@ from adapterkit.formats.peft import (
     load_bin,
     open_folder,
     read_adapter,
-    tensors_to_bytes,
     write_adapter,
 )
 
