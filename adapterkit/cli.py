@@ -92,6 +92,9 @@ class _Group(click.Group):
         except AdapterkitError as exc:
             message = " ".join(str(exc).split("\n"))
             raise _Failure(message, type(exc).__name__, as_json=_json_requested(ctx)) from None
+        except MemoryError:  # adapters or a model larger than this machine holds: one line, like any other error
+            message = "out of memory: the adapters or the model do not fit in this machine's RAM"
+            raise _Failure(message, "MemoryError", as_json=_json_requested(ctx)) from None
         except click.UsageError as exc:
             if not _json_requested(ctx):
                 raise
