@@ -134,14 +134,15 @@ class Store(AdapterStore):
             safetensors_metadata=files.safetensors_metadata,
             base_model=base_model,
             lineage=lineage,
-            source=files.source,
         )
         # Serialised before anything is written: a document JSON cannot hold (NaN, Infinity) is refused up front.
         metadata_bytes = canonical_json(metadata, source=files.source)
         readme = files.files.get(README_NAME)
         weights = files.weights() if scan is None else scanned(files.weights(), scan)
         peft_config = config_bytes(files.config)
-        return self.publish(metadata_bytes, peft_config, weights, readme, tag, message, progress=progress)
+        return self.publish(
+            metadata_bytes, peft_config, weights, readme, tag, message, progress=progress, source=files.source
+        )
 
     def receive(
         self,

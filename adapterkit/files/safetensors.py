@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 from adapterkit.errors import AdapterFormatError, NonFiniteError
 
 __all__ = [
@@ -386,6 +384,8 @@ class TensorScan:
         return data
 
     def _scan(self, slot: _Slot, start: int, data: memoryview) -> None:
+        import numpy as np  # here, not at the top: listing a store never pays for numpy
+
         view, exponent, magnitude = FLOAT_BITS[slot.dtype]
         size = np.dtype(view).itemsize
         if self._carry:

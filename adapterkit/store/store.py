@@ -32,7 +32,7 @@ from adapterkit.errors import (
     SyncError,
 )
 from adapterkit.files.hashing import verified_chunks
-from adapterkit.store.documents import Layer, build_manifest, canonical_json, parse_manifest
+from adapterkit.store.documents import Layer, build_manifest, canonical_json, check_metadata, parse_manifest
 from adapterkit.store.documents import parse_metadata as _parse_metadata
 from adapterkit.store.layout import StoreLayout
 from adapterkit.store.names import digest_prefix, parse_ref, parse_tag_ref
@@ -101,18 +101,20 @@ class AdapterStore(StoreLayout):
         message: str,
         *,
         progress: Progress | None = None,
+        source: str = "adapter metadata",
     ) -> AddResult:
         """Under the writer lock: publish an adapter's objects, then point ``tag`` (``name[:tag]``) at it.
 
-        The metadata document is validated against the schema first; ``weights_chunks`` are the
-        canonical safetensors bytes, hashed as they are written. The caller (``Store.add``/``put``)
-        has built and checked them.
+        The metadata document is validated against the schema first (a refusal names ``source``);
+        ``weights_chunks`` are the canonical safetensors bytes, hashed as they are written. The
+        caller (``Store.add``/``put``) has built them.
         """
         target = parse_tag_ref(tag) if tag is not None else None
-        _parse_metadata(metadata_bytes, "adapter metadata")
+        check_metadata(metadata_bytes, source)
         previous = None
         with self.writing():
             digest, new_bytes = self._commit(metadata_bytes, peft_config_bytes, weights_chunks, readme, progress)
+            self._validated.add("sha256:" + hashlib.sha256(metadata_bytes).hexdigest())  # checked just above
             if target is not None:
                 previous = self._set_ref(target.name, target.tag, digest, message)
             info = self.describe(digest)  # under the lock: an untagged adapter is gc-able once it is released
