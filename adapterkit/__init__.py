@@ -18,6 +18,7 @@ from adapterkit.errors import (
     AmbiguousReferenceError,
     BaseModelError,
     CompositionError,
+    ExportError,
     IncompatibleAdaptersError,
     IntegrityError,
     InvalidInputError,
@@ -36,6 +37,7 @@ from adapterkit.store import AddResult, GcReport, Store, VerifyReport
 
 if TYPE_CHECKING:
     from adapterkit.adapter.model import Adapter, LoraModule
+    from adapterkit.analysis.preflight import CheckReport, Problem, check
     from adapterkit.composition.engine import compose
     from adapterkit.formats.peft import read_adapter, write_adapter
     from adapterkit.merging.stacking import attach
@@ -49,7 +51,9 @@ __all__ = [
     "AmbiguousReferenceError",
     "BaseFingerprint",
     "BaseModelError",
+    "CheckReport",
     "CompositionError",
+    "ExportError",
     "GcReport",
     "IncompatibleAdaptersError",
     "IntegrityError",
@@ -58,6 +62,7 @@ __all__ = [
     "LoraModule",
     "MergeError",
     "PluginError",
+    "Problem",
     "RefConflictError",
     "ReferenceNotFoundError",
     "SchemaValidationError",
@@ -69,6 +74,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "attach",
+    "check",
     "compose",
     "fingerprint",
     "merge",
@@ -79,7 +85,10 @@ __all__ = [
 _LAZY = {
     "Adapter": "adapterkit.adapter.model",
     "LoraModule": "adapterkit.adapter.model",
+    "CheckReport": "adapterkit.analysis.preflight",
+    "Problem": "adapterkit.analysis.preflight",
     "attach": "adapterkit.merging.stacking",
+    "check": "adapterkit.analysis.preflight",
     "compose": "adapterkit.composition.engine",
     "merge": "adapterkit.merging.streamed",
     "read_adapter": "adapterkit.formats.peft",

@@ -387,6 +387,43 @@ def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
     )
 
 
+@cli.command()
+@click.argument("ref")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Base model folder (only its config.json and safetensors headers are read).",
+)
+@json_option
+@click.pass_context
+def check(ctx: click.Context, ref: str, base_dir: Path) -> None:
+    """Check that the adapter REF fits the base in BASE_DIR before deploying it; exit 1 on any problem.
+
+    One line per problem: a module the base lacks or shapes differently, keys under a prefix the
+    base does not use (loaders would ignore them), a resized vocabulary, a Conv1D layer taken the
+    wrong way round, dtypes, and the base's fingerprint, name and revision against those recorded.
+    """
+    from adapterkit import check as check_adapter
+
+    report = check_adapter(_store(ctx), ref, base_dir)
+
+    def text() -> str:
+        lines = [problem.message for problem in report.problems]
+        modules = f"{report.modules} module{'s' if report.modules != 1 else ''}"
+        if report.ok:
+            lines.append(f"{ref} fits {report.base}: {modules} checked, no problem")
+        else:
+            count = len(report.problems)
+            lines.append(f"{ref} does not fit {report.base}: {count} problem{'s' if count != 1 else ''} in {modules}")
+        return "\n".join(lines)
+
+    _emit(ctx, {"ref": ref, **report.to_json()}, text)
+    if not report.ok:
+        ctx.exit(1)
+
+
 def _plan_text(plan: dict[str, Any]) -> str:
     ranks = plan["ranks"]
     rank_text = "unknown until the dense deltas are formed" if ranks is None else _span(ranks)

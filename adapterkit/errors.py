@@ -10,6 +10,7 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── SchemaValidationError    a document fails schemas/*.schema.json
     │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
     │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
+    │   ├── ExportError              an adapter the export target cannot hold exactly (GGUF and DoRA, ...)
     │   └── CompositionError         adapters that cannot be blended as asked
     │       ├── IncompatibleAdaptersError  different bases, or one module shaped differently
     │       └── UnknownStrategyError       no plugin registered that strategy
@@ -34,6 +35,7 @@ __all__ = [
     "AmbiguousReferenceError",
     "BaseModelError",
     "CompositionError",
+    "ExportError",
     "IncompatibleAdaptersError",
     "IntegrityError",
     "InvalidInputError",
@@ -84,6 +86,10 @@ class InvalidReferenceError(InvalidInputError):
 
 class BaseModelError(InvalidInputError):
     """A base-model folder cannot be read, or an adapter does not fit it."""
+
+
+class ExportError(InvalidInputError):
+    """The adapter cannot be written in the format asked, exactly, with the options given; nothing was written."""
 
 
 class CompositionError(InvalidInputError):
