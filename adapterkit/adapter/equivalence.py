@@ -47,16 +47,32 @@ def _norm_of_product(u: torch.Tensor, v: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(ru @ rv.T))
 
 
+def _trimmed(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors without trailing rank components that are zero in both (what padding added)."""
+    keep = b.shape[1]
+    while keep and not b[:, keep - 1].any() and not a[keep - 1].any():
+        keep -= 1
+    return b[:, :keep], a[:keep]
+
+
+def _same_product(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> bool:
+    """Whether the scaled factors are equal, element for element, up to zero padding: then so are the deltas."""
+    b1, a1 = _trimmed(b1, a1)
+    b2, a2 = _trimmed(b2, a2)
+    return b1.shape == b2.shape and a1.shape == a2.shape and torch.equal(a1, a2) and torch.equal(b1, b2)
+
+
 def relative_difference(stored: Factors, target: Factors) -> float:
     """``||D_target - D_stored||_F / max(||D_target||_F, ||D_stored||_F)``, 0.0 when both are zero.
 
-    Bit-identical factors and scales give exactly 0.0; shapes of the two deltas must agree.
+    Factors equal element for element once scaled (and zero padding dropped) give exactly 0.0;
+    shapes of the two deltas must agree.
     """
     b1, a1 = stored.matrices()
     b2, a2 = target.matrices()
     if b1.shape[0] != b2.shape[0] or a1.shape[1] != a2.shape[1]:
         raise ValueError(f"deltas of different shapes: {b1.shape[0]}x{a1.shape[1]} and {b2.shape[0]}x{a2.shape[1]}")
-    if stored.scale == target.scale and torch.equal(stored.A, target.A) and torch.equal(stored.B, target.B):
+    if _same_product(b1, a1, b2, a2):
         return 0.0
     scale = max(_norm_of_product(b1, a1), _norm_of_product(b2, a2))
     if scale == 0.0:

@@ -90,18 +90,36 @@ def _names(items: list[str], limit: int = 3) -> str:
 
 def _module_of(key: str) -> str:
     path = key.removeprefix(KEY_PREFIX)
-    for marker in (".lora_magnitude_vector", ".lora_B.", ".token_adapter", ".modules_to_save", ".trainable_tokens"):
+    for marker in (
+        ".base_layer.",
+        ".lora_magnitude_vector",
+        ".lora_B.",
+        ".token_adapter",
+        ".modules_to_save",
+        ".trainable_tokens",
+    ):
         if marker in path:
             return path.split(marker, 1)[0]
     return path.rsplit(".", 1)[0] if path.endswith((".weight", ".bias")) else path
 
 
-def refuse_unholdable(adapter: Adapter) -> None:
-    """ExportError naming what a GGUF LoRA cannot hold, module by module, when the adapter has any."""
+def refuse_unholdable(adapter: Adapter, base: BaseModel) -> None:
+    """ExportError naming what a GGUF LoRA cannot hold, module by module, when the adapter has any.
+
+    PEFT saves an embedding LoRA's base layer beside it (``embed_tokens.base_layer.weight``) in case
+    the vocabulary was resized; a copy shaped like the base's own tensor is the base's, which the
+    GGUF base model already holds, so it is left out (as llama.cpp's converter leaves it out).
+    """
     found: dict[str, list[str]] = {}
     for key in sorted(adapter.extra_tensors):
-        label = next((label for marker, label in _EXTRA_KINDS if marker in key), "full module copies (modules_to_save)")
         module = _module_of(key)
+        if key.endswith(".base_layer.weight"):
+            target, _ = base.resolve(module)
+            if target is not None and tuple(adapter.extra_tensors[key].shape) == base.tensors[target][1]:
+                continue
+            label = "resized base layers (a vocabulary resized after training?)"
+        else:
+            label = next((lbl for marker, lbl in _EXTRA_KINDS if marker in key), "full module copies (modules_to_save)")
         if module not in found.setdefault(label, []):
             found[label].append(module)
     config = adapter.config
@@ -149,7 +167,7 @@ def plan_gguf(adapter: Adapter, base: BaseModel) -> tuple[str, list[GgufTarget]]
     """Check that ``adapter`` fits a GGUF LoRA for ``base`` and map each module to its GGUF tensor."""
     import gguf
 
-    refuse_unholdable(adapter)
+    refuse_unholdable(adapter, base)
     arch, permute, config = architecture(base)
     blocks = _int_field(config, "num_hidden_layers", base)
     n_head = _int_field(config, "num_attention_heads", base)
