@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import AdapterFormatError, BaseModelError
-from adapterkit.formats.safetensors_io import Header, read_header
+from adapterkit.files.safetensors import Header, read_header
 
 __all__ = [
     "INDEX_NAME",

@@ -17,9 +17,8 @@ from typing import Any
 
 import click
 
-from adapterkit import __version__
-from adapterkit.errors import AdapterkitError
-from adapterkit.store import Store, parse_duration
+import adapterkit
+from adapterkit import AdapterkitError, Store, __version__
 
 __all__ = ["cli", "main"]
 
@@ -292,21 +291,75 @@ def rm(ctx: click.Context, ref: str) -> None:
     _emit(ctx, {"removed": ref, "digest": digest}, lambda: f"removed {ref} (was {digest})")
 
 
+def _certificate_text(certificate: dict[str, Any]) -> str:
+    """One line: how many modules were re-read and the largest relative difference of their deltas."""
+    worst = certificate["max_rel_diff"]
+    where = f" ({certificate['worst_module']})" if worst and certificate.get("worst_module") else ""
+    value = "0 (exact)" if worst == 0 else f"{worst:.2e}{where}"
+    return f"certificate: {len(certificate['modules'])} modules re-read, largest relative difference {value}"
+
+
 @cli.command()
 @click.argument("ref")
 @click.argument("dest", type=click.Path(path_type=Path))
+@click.option(
+    "--format", "format_", default="peft", show_default=True, metavar="NAME", help="See `adapterkit plugins`."
+)
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(path_type=Path),
+    help="Base model folder (gguf: its config.json names the architecture and tensors; headers only).",
+)
+@click.option(
+    "--pad-rank",
+    type=int,
+    metavar="N",
+    help="peft: zero-pad every module to rank N with one r/lora_alpha (PEFT hotswap, vLLM).",
+)
+@click.option("--dtype", metavar="T", help="gguf: tensor type, f32 (default), f16 or bf16.")
 @json_option
 @click.pass_context
-def export(ctx: click.Context, ref: str, dest: Path) -> None:
-    """Write the adapter REF as a PEFT folder DEST (byte-identical to the stored files)."""
+def export(
+    ctx: click.Context,
+    ref: str,
+    dest: Path,
+    format_: str,
+    base_dir: Path | None,
+    pad_rank: int | None,
+    dtype: str | None,
+) -> None:
+    """Write the adapter REF at DEST in a format (a PEFT folder, byte-identical to the stored files, by default).
+
+    `--format gguf --base BASE_DIR` writes DEST/adapter.gguf (or DEST itself when it ends in .gguf)
+    for llama.cpp and Ollama. Every export re-reads what it wrote and prints the largest relative
+    difference between the deltas the target applies and the stored ones.
+    """
     store = _store(ctx)
     info = store.show(ref)
+    given = {"base": base_dir, "pad_rank": pad_rank, "dtype": dtype}
+    options = {key: value for key, value in given.items() if value is not None}
     with _progress("exporting", info["size"]) as progress:
-        out = store.export(info["digest"], dest, progress=progress)
+        result = store.export(info["digest"], dest, format=format_, progress=progress, **options)
+
+    def text() -> str:
+        lines = [f"exported {info['digest']} to {result.path}"]
+        if "certificate" in result.details:
+            lines.append(_certificate_text(result.details["certificate"]))
+        return "\n".join(lines)
+
     _emit(
         ctx,
-        {"digest": info["digest"], "refs": info["refs"], "path": str(out), "files": info["files"]},
-        lambda: f"exported {info['digest']} to {out}",
+        {
+            "digest": info["digest"],
+            "refs": info["refs"],
+            "format": format_,
+            "path": str(result.path),
+            "files": info["files"],
+            "written": [str(path) for path in result.files],
+            **result.details,
+        },
+        text,
     )
 
 
@@ -353,7 +406,7 @@ def verify(ctx: click.Context, full: bool) -> None:
 def gc(ctx: click.Context, dry_run: bool, grace: str) -> None:
     """Remove adapters and files that no ref (or recent reflog entry) reaches."""
     try:
-        seconds = parse_duration(grace)
+        seconds = adapterkit.parse_duration(grace)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--grace") from None
     report = _store(ctx).gc(grace=seconds, dry_run=dry_run)
@@ -374,9 +427,7 @@ def gc(ctx: click.Context, dry_run: bool, grace: str) -> None:
 @click.pass_context
 def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
     """Print the fingerprint of the base model in BASE_DIR."""
-    from adapterkit.base_model import fingerprint as fingerprint_base
-
-    fp = fingerprint_base(base_dir, content=content)
+    fp = adapterkit.fingerprint(base_dir, content=content)
     document = {"structure_digest": fp.structure_digest, "tensors": len(fp.tensors)}
     if content:
         document["content_digest"] = fp.content_digest
@@ -405,9 +456,7 @@ def check(ctx: click.Context, ref: str, base_dir: Path) -> None:
     base does not use (loaders would ignore them), a resized vocabulary, a Conv1D layer taken the
     wrong way round, dtypes, and the base's fingerprint, name and revision against those recorded.
     """
-    from adapterkit import check as check_adapter
-
-    report = check_adapter(_store(ctx), ref, base_dir)
+    report = adapterkit.check(_store(ctx), ref, base_dir)
 
     def text() -> str:
         lines = [problem.message for problem in report.problems]
@@ -498,8 +547,6 @@ def compose(
     dry_run: bool,
 ) -> None:
     """Blend the adapters REFS into a new adapter and store it under --tag."""
-    import adapterkit
-
     if tag is None and not dry_run:
         raise click.UsageError("Missing option '--tag' / '-t' (needed unless --dry-run).")
     params = {
@@ -510,9 +557,7 @@ def compose(
     store = _store(ctx)
     parents = [store.get(ref) for ref in refs]
     if dry_run:
-        from adapterkit.analysis.spectra import plan_compose
-
-        plan = plan_compose(parents, parsed_weights, strategy, device=device, force=force, **params)
+        plan = adapterkit.plan_compose(parents, parsed_weights, strategy, device=device, force=force, **params)
         _emit(ctx, plan, lambda: _plan_text(plan))
         return
     assert tag is not None
@@ -563,15 +608,11 @@ def merge(
     dry_run: bool,
 ) -> None:
     """Bake the adapters REFS into the base model, streamed tensor by tensor, writing OUT_DIR."""
-    from adapterkit.merging.streamed import merge as merge_into_base
-
     parsed_weights = _parse_weights(weights, len(refs))
     store = _store(ctx)
     adapters = [store.get(ref) for ref in refs]
     if dry_run:
-        from adapterkit.analysis.spectra import plan_merge_summary
-
-        summary = plan_merge_summary(adapters, parsed_weights, base_dir, dtype=dtype, force=force, device=device)
+        summary = adapterkit.plan_merge(adapters, parsed_weights, base_dir, dtype=dtype, force=force, device=device)
         _emit(
             ctx,
             summary,
@@ -584,7 +625,7 @@ def merge(
         )
         return
     with _lazy_progress("merging") as progress:
-        report = merge_into_base(
+        report = adapterkit.merge(
             adapters, parsed_weights, base_dir, out_dir, dtype=dtype, device=device, force=force, progress=progress
         )
     for warning in report.warnings:
@@ -619,17 +660,13 @@ def inspect(
     force: bool,
 ) -> None:
     """Spectra, effective ranks, pairwise interference and energy-vs-rank of adapters, before blending them."""
-    from adapterkit.analysis.spectra import inspect as inspect_adapters
-
     store = _store(ctx)
     adapters = [store.get(ref) for ref in refs]
-    report = inspect_adapters(
+    report = adapterkit.inspect(
         adapters, _parse_weights(weights, len(refs)), rank_curve=rank_curve or bool(plot_path), force=force
     )
     if plot_path is not None:
-        from adapterkit.analysis.plotting import plot
-
-        plot(report, plot_path)
+        adapterkit.plot(report, plot_path)
     _emit(ctx, report, lambda: _inspect_text(report, refs, plot_path))
 
 
@@ -667,12 +704,10 @@ def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path
 def push(ctx: click.Context, ref: str, dest: str) -> None:
     """Publish the adapter REF at DEST: a store root (file:///srv/ak, s3://bucket/prefix, a path),
     optionally DEST/NAME:TAG to rename, or hf://org/repo[@branch]. Only what DEST lacks is sent."""
-    from adapterkit.sync import push as push_adapter
-
     store = _store(ctx)
     info = store.show(ref)
     with _progress("pushing", info["size"]) as progress:
-        result = push_adapter(store, ref, dest, progress=progress)
+        result = adapterkit.push(store, ref, dest, progress=progress)
     _emit(
         ctx,
         {
@@ -696,10 +731,8 @@ def push(ctx: click.Context, ref: str, dest: str) -> None:
 @click.pass_context
 def pull(ctx: click.Context, source: str, tag: str | None) -> None:
     """Fetch an adapter: SOURCE is REMOTE_ROOT/NAME[:TAG], REMOTE_ROOT/NAME@sha256:... or hf://org/repo[@revision]."""
-    from adapterkit.sync import pull as pull_adapter
-
     store = _store(ctx)
-    result = pull_adapter(store, source, tag)
+    result = adapterkit.pull(store, source, tag)
     _emit(
         ctx,
         {
@@ -720,13 +753,13 @@ def pull(ctx: click.Context, source: str, tag: str | None) -> None:
 @json_option
 @click.pass_context
 def plugins(ctx: click.Context) -> None:
-    """List plugins, and the strategies and remotes they register."""
-    from adapterkit.plugins import get_plugins
-
-    loaded = get_plugins()
+    """List plugins, and the strategies, remotes and formats they register."""
+    loaded = adapterkit.get_plugins()
     strategies = loaded.strategies()
     strategy_owners = loaded.strategy_owners()
     remote_owners = loaded.remote_owners()
+    formats = loaded.formats()
+    format_owners = loaded.format_owners()
     document = {
         "plugins": [
             {"name": p.name, "version": p.version, "builtin": p.builtin, "hooks": list(p.hooks)} for p in loaded.info()
@@ -738,12 +771,25 @@ def plugins(ctx: click.Context) -> None:
                 "plugin": strategy_owners[name],
                 "description": strategy.description,
                 "parameters": {
-                    key: {"type": spec.type.__name__, "default": spec.default} for key, spec in strategy.params.items()
+                    key: {"type": spec.type_name, "default": spec.default} for key, spec in strategy.params.items()
                 },
             }
             for name, strategy in sorted(strategies.items())
         ],
         "remotes": [{"scheme": scheme, "plugin": owner} for scheme, owner in sorted(remote_owners.items())],
+        "formats": [
+            {
+                "name": name,
+                "plugin": format_owners[name],
+                "description": fmt.description,
+                "read": fmt.can_read,
+                "write": fmt.can_write,
+                "options": {
+                    key: {"type": spec.type_name, "default": spec.default} for key, spec in fmt.options.items()
+                },
+            }
+            for name, fmt in sorted(formats.items())
+        ],
     }
 
     def text() -> str:
@@ -760,6 +806,14 @@ def plugins(ctx: click.Context) -> None:
         lines.append("remotes:" + ("" if document["remotes"] else " none"))
         for item in document["remotes"]:
             lines.append(f"  {item['scheme']}://  ({item['plugin']})")
+        lines.append("formats:")
+        for item in document["formats"]:
+            modes = "/".join(mode for mode in ("read", "write") if item[mode])
+            options = ", ".join(f"{k}={v['default']}" for k, v in item["options"].items())
+            lines.append(
+                f"  {item['name']:<16} {modes:<10} {item['description']} ({item['plugin']})"
+                + (f" [{options}]" if options else "")
+            )
         return "\n".join(lines)
 
     _emit(ctx, document, text)
@@ -773,18 +827,16 @@ def plugins(ctx: click.Context) -> None:
 )
 def demo(workdir: Path | None) -> None:
     """Build a tiny base model and two adapters, store, inspect, export and check them."""
-    from adapterkit.demo import run_demo
+    from adapterkit.demo import run_demo  # the demo is a client of the public API, like this CLI
 
     run_demo(workdir, echo=click.echo)
 
 
 def _load_plugin_commands() -> None:
     """Load plugins once for the CLI; their load warnings become one clean line each on stderr."""
-    from adapterkit.plugins import get_plugins
-
     try:
         with _warnings_as_lines():
-            get_plugins().register_commands(cli)
+            adapterkit.get_plugins().register_commands(cli)
     except AdapterkitError as exc:  # e.g. ADAPTERKIT_STRICT_PLUGINS with a broken plugin
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)

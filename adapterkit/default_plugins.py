@@ -1,4 +1,4 @@
-"""The built-in strategies and remotes, registered through the same hooks as any third-party plugin.
+"""The built-in strategies, remotes and formats, registered through the same hooks as any third-party plugin.
 
 Hook implementations only. The strategy modules import torch (and the s3 remote s3fs), so they are
 imported when the hook runs, not when the CLI starts.
@@ -10,7 +10,7 @@ from typing import Any
 
 from adapterkit.hookspecs import hookimpl
 
-__all__ = ["register_remotes", "register_strategies"]
+__all__ = ["register_formats", "register_remotes", "register_strategies"]
 
 
 @hookimpl
@@ -23,7 +23,16 @@ def register_strategies(register: Any) -> None:
 
 @hookimpl
 def register_remotes(register: Any) -> None:
-    from adapterkit.remotes.fsspec_remote import SCHEMES, open_fsspec_remote
+    from adapterkit.remotes.fsspec import SCHEMES, open_fsspec_remote
 
     for scheme in SCHEMES:
         register(scheme, open_fsspec_remote)
+
+
+@hookimpl
+def register_formats(register: Any) -> None:
+    from adapterkit.formats.gguf import GgufFormat
+    from adapterkit.formats.peft import PeftFormat
+
+    register(PeftFormat())
+    register(GgufFormat())

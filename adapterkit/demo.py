@@ -13,8 +13,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from adapterkit.errors import InvalidInputError
-from adapterkit.store import Store
+import adapterkit
 
 __all__ = ["DEMO_BASE_NAME", "run_demo"]
 
@@ -72,7 +71,7 @@ def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
 
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="adapterkit-demo-"))
     if root.is_dir() and any(root.iterdir()):
-        raise InvalidInputError(f"{root}: not empty; the demo builds its files in a new or empty folder")
+        raise adapterkit.InvalidInputError(f"{root}: not empty; the demo builds its files in a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
     echo(f"working in {root}")
 
@@ -88,7 +87,7 @@ def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
             base, 2, r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"]
         ),
     }
-    store = Store(root / "store")
+    store = adapterkit.Store(root / "store")
     for name, model in adapters.items():
         folder = root / name.replace("/", "-")
         model.save_pretrained(folder)  # type: ignore[attr-defined]
@@ -106,15 +105,13 @@ def _run(workdir: Path | None, echo: Callable[[str], None]) -> Path:
 
     worst = 0.0
     for name, model in adapters.items():
-        exported = store.export(f"{name}:v1", root / "exported" / name.replace("/", "-"))
+        exported = store.export(f"{name}:v1", root / "exported" / name.replace("/", "-")).path
         loaded = PeftModel.from_pretrained(copy.deepcopy(base), exported).eval()
         diff = (_logits(loaded) - _logits(model)).abs().max().item()  # type: ignore[operator]
         worst = max(worst, diff)
         echo(f"exported {name}:v1 to {exported}; PEFT loads it, max |logit diff| vs the original = {diff:.1e}")
     if worst > 1e-6:
         raise SystemExit(f"demo failed: exported adapters differ from the originals by {worst}")
-
-    import adapterkit
 
     parents = [store.get(f"{name}:v1") for name in adapters]
     blend = adapterkit.compose(parents, [0.7, -0.3], "linear")

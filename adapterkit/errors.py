@@ -6,7 +6,8 @@ message must stand on its own: name the file, the field or the reference that is
     AdapterkitError
     ├── InvalidInputError            bad input from the user, before anything is written
     │   ├── AdapterFormatError       an adapter folder, config or weights file adapterkit cannot read
-    │   │   └── UnsupportedAdapterError   a valid PEFT file of a kind adapterkit refuses (IA3, DoRA maths, ...)
+    │   │   ├── UnsupportedAdapterError   a valid PEFT file of a kind adapterkit refuses (IA3, DoRA maths, ...)
+    │   │   └── UnknownFormatError        no plugin registered that adapter format
     │   ├── SchemaValidationError    a document fails schemas/*.schema.json
     │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
     │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
@@ -49,6 +50,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "SyncError",
+    "UnknownFormatError",
     "UnknownRemoteError",
     "UnknownStrategyError",
     "UnsupportedAdapterError",
@@ -69,6 +71,10 @@ class AdapterFormatError(InvalidInputError):
 
 class UnsupportedAdapterError(AdapterFormatError):
     """A well-formed PEFT adapter of a kind adapterkit cannot represent faithfully."""
+
+
+class UnknownFormatError(AdapterFormatError):
+    """No registered format has that name."""
 
 
 class SchemaValidationError(InvalidInputError):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pluggy
 
-__all__ = ["hookimpl", "hookspec", "register_commands", "register_remotes", "register_strategies"]
+__all__ = ["hookimpl", "hookspec", "register_commands", "register_formats", "register_remotes", "register_strategies"]
 
 hookspec = pluggy.HookspecMarker("adapterkit")
 hookimpl = pluggy.HookimplMarker("adapterkit")
@@ -30,3 +30,8 @@ def register_remotes(register: Any) -> None:
 @hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the ``adapterkit`` click group ``cli`` (e.g. with ``@cli.command()``)."""
+
+
+@hookspec
+def register_formats(register: Any) -> None:
+    """Register adapter formats: call ``register(format)`` with a :class:`adapterkit.Format` instance each."""

@@ -28,6 +28,10 @@ class Param:
     help: str = ""
     check: Callable[[Any], str | None] | None = None
 
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type)
+
 
 def fraction(value: float) -> str | None:
     """A fraction in (0, 1]: a density or an energy."""

@@ -28,6 +28,7 @@ from adapterkit.errors import PluginError
 if TYPE_CHECKING:
     import click
 
+    from adapterkit.formats.base import Format
     from adapterkit.strategies.base import Strategy
 
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginInfo", "Plugins", "get_plugins"]
@@ -121,6 +122,13 @@ class Plugins:
         return {
             scheme: owner for scheme, (_, owner) in self._collect("register_remotes", lambda scheme, _f: scheme).items()
         }
+
+    def formats(self) -> dict[str, Format]:
+        """Every registered adapter format by name, built-ins first (the order ``add`` tries them in)."""
+        return {name: obj for name, (obj, _) in self._collect("register_formats", lambda f: f.name).items()}
+
+    def format_owners(self) -> dict[str, str]:
+        return {name: owner for name, (_, owner) in self._collect("register_formats", lambda f: f.name).items()}
 
     def register_commands(self, cli: click.Group) -> None:
         for impl in self.pm.hook.register_commands.get_hookimpls():

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from adapterkit.errors import InvalidReferenceError, PluginError, UnknownRemoteError
 from adapterkit.plugins import Plugins, get_plugins
 from adapterkit.remotes.base import Progress, Remote, TransferResult
-from adapterkit.store import Store, parse_ref
+from adapterkit.store import AdapterStore, parse_ref
 
 __all__ = ["open_remote", "pull", "push"]
 
@@ -36,7 +36,7 @@ def open_remote(url: str, *, plugins: Plugins | None = None) -> Remote:
 
 
 def push(
-    store: Store, ref: str, dest: str, *, plugins: Plugins | None = None, progress: Progress | None = None
+    store: AdapterStore, ref: str, dest: str, *, plugins: Plugins | None = None, progress: Progress | None = None
 ) -> TransferResult:
     """Publish the adapter ``ref`` at ``dest``, under the ref's name and tag unless ``dest`` names its own."""
     parsed = parse_ref(ref)
@@ -49,7 +49,7 @@ def push(
 
 
 def pull(
-    store: Store,
+    store: AdapterStore,
     source: str,
     tag: str | None = None,
     *,

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from adapterkit.formats.safetensors_io import serialize
-from adapterkit.store import Store
+from adapterkit import Store
+from adapterkit.files.safetensors import serialize
 
 CLI = [sys.executable, "-m", "adapterkit.cli"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}

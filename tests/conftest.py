@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapterkit.formats.safetensors_io import serialize
-from adapterkit.store import Store
+from adapterkit import Store
+from adapterkit.files.safetensors import serialize
 
 # tests/helpers.py is imported as a top-level module whatever pytest's import mode is.
 if str(Path(__file__).parent) not in sys.path:

@@ -54,7 +54,7 @@ def tiny_causal_lm(arch: str, seed: int = 0, **overrides: Any) -> Any:
     model = getattr(transformers, arch)(config_class(**params)).eval()
     with torch.no_grad():  # norms at 1 and zero biases would hide a mis-mapped tensor: perturb them
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith(("norm.weight", ".bias")):
                 param.add_(torch.randn_like(param) * 0.1)
     return model
 
@@ -69,8 +69,10 @@ def _vocab(size: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def _permute(weights: torch.Tensor, heads: int) -> torch.Tensor:
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
-        weights.shape
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
     )
 
 
@@ -108,7 +110,9 @@ def write_base_gguf(model: Any, path: Path) -> Path:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(False)
-    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers
+    )
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and tied:

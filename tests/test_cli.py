@@ -191,15 +191,15 @@ def test_a_warning_inside_a_command_is_one_clean_line(
     """A remote's warning during `pull` (the Hub's stale-manifest notice, say) reads like the CLI's errors."""
     import warnings
 
-    from adapterkit import sync
+    import adapterkit
 
-    real_pull = sync.pull
+    real_pull = adapterkit.pull
 
     def pull_with_notice(*args: object, **kwargs: object) -> object:
         warnings.warn("adapterkit: hf://org/x@abc: README.md no longer matches the manifest; importing", stacklevel=2)
         return real_pull(*args, **kwargs)
 
-    monkeypatch.setattr(sync, "pull", pull_with_notice)
+    monkeypatch.setattr(adapterkit, "pull", pull_with_notice)  # the CLI calls the public API
     run("--store", store, "push", "team/a:v1", tmp_path / "remote")
     notice = "Warning: hf://org/x@abc: README.md no longer matches the manifest; importing\n"
     result = CliRunner().invoke(cli, ["--store", str(tmp_path / "b"), "pull", f"{tmp_path / 'remote'}/team/a:v1"])

@@ -22,8 +22,8 @@ from helpers import assert_one_line, corpus_dir
 from adapterkit.adapter.config import KEY_PREFIX, load_config_json, resolve_rank_alpha, validate_lora_config
 from adapterkit.adapter.model import Adapter
 from adapterkit.errors import AdapterFormatError, AdapterkitError, UnsupportedAdapterError
+from adapterkit.files.safetensors import iter_canonical_bytes, read_header
 from adapterkit.formats.peft import BIN_NAME, CONFIG_NAME, WEIGHTS_NAME, load_bin, read_adapter, write_adapter
-from adapterkit.formats.safetensors_io import iter_canonical_bytes, read_header
 
 CORPUS = corpus_dir()
 _ABSENT = f"the adapter corpus is not at {CORPUS}; set ADAPTERKIT_CORPUS to the shared corpus folder to run these"

@@ -12,9 +12,9 @@ import torch
 
 from adapterkit.strategies import _dense
 from adapterkit.strategies._dense import DareMask, magnitude_thresholds
-from adapterkit.strategies._lowrank import derive_seed
 from adapterkit.strategies.base import ModuleInput
 from adapterkit.strategies.dare import dare_linear, dare_ties
+from adapterkit.strategies.lowrank import derive_seed
 from adapterkit.strategies.prune import magnitude_prune
 from adapterkit.strategies.ties import ties
 

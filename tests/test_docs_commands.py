@@ -251,7 +251,8 @@ def _plugins_setup(session: Session, stack: contextlib.ExitStack) -> None:
     """docs/plugins.md: install the page's own example plugin, as ``pip install`` of its package would.
 
     The package is made from the page: its name, version and entry points from the pyproject.toml block,
-    its module from the python blocks that implement ``register_strategies`` or ``register_commands``.
+    its module from the python blocks that implement ``register_strategies``, ``register_formats`` or
+    ``register_commands``.
     The module and a ``.dist-info`` (what pip writes, found by importlib.metadata) go in a directory on
     PYTHONPATH.
     """
@@ -259,9 +260,8 @@ def _plugins_setup(session: Session, stack: contextlib.ExitStack) -> None:
     project = tomllib.loads(next(b.text for b in page if b.lang == "toml"))["project"]
     entry_points = project["entry-points"]["adapterkit"]
     (module,) = set(entry_points.values())
-    code = "\n\n".join(
-        b.text for b in page if b.lang == "python" and re.search(r"def register_(strategies|commands)\(", b.text)
-    )
+    hooks = r"def register_(strategies|formats|commands)\("
+    code = "\n\n".join(b.text for b in page if b.lang == "python" and re.search(hooks, b.text))
     site = session.scratch / "site-packages"
     dist = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
     dist.mkdir(parents=True)
@@ -343,7 +343,7 @@ def _peft_adapter_files() -> dict[str, bytes]:
     """
     import numpy as np
 
-    from adapterkit.formats.safetensors_io import serialize
+    from adapterkit.files.safetensors import serialize
 
     tensors = {}
     for layer in range(2):

@@ -49,6 +49,8 @@ WRAPPED_VALUE_ERRORS = {
     # Strategy.check_params and the strategy functions: composition.resolve_strategy re-raises the
     # message as CompositionError; compose / plan_compose as "strategy 'x' failed on module 'm': ...".
     "adapterkit/strategies/": "CompositionError",
+    # params.check_params: declared parameters of strategies and formats, re-raised as AdapterkitErrors.
+    "adapterkit/params.py": "CompositionError",
 }
 
 #: Messages with no literal text of their own to search for: (file, function) -> what the page shows.
@@ -62,7 +64,7 @@ NO_STATIC_TEXT = {
 EXEMPT: dict[tuple[str, str], str] = {
     # serialize() is fed only by tensors_to_bytes, which takes each tensor's bytes from the tensor
     # itself, so they always fit its dtype and shape; no input of a user's reaches this check.
-    ("adapterkit/safetensors_io.py", "bytes do not fit"): "internal consistency check of serialize()",
+    ("adapterkit/files/safetensors.py", "bytes do not fit"): "internal consistency check of serialize()",
 }
 
 

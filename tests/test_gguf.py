@@ -114,7 +114,10 @@ def _export(store: Store, ref: str, dest: Path, base: Path, **options: Any) -> A
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
 def test_plain_adapter_matches_peft_in_llama_cpp(bases: Bases, arch: str, tmp_path: Path) -> None:
     model, base, runtime = bases.get(arch)
-    assert max(max_rel_error(runtime.logits(ids), w) for ids, w in zip(SEQUENCES, _base_logits(model))) < BOUND
+    assert (
+        max(max_rel_error(runtime.logits(ids), w) for ids, w in zip(SEQUENCES, _base_logits(model), strict=True))
+        < BOUND
+    )
     make_lora(model, seed=1, **PLAIN).save_pretrained(tmp_path / "lora")
     store = Store(tmp_path / "store")
     store.add(tmp_path / "lora", "plain:1")
@@ -147,7 +150,9 @@ def test_svd_blend_with_a_negative_weight_matches_peft(bases: Bases, tmp_path: P
     model, base, runtime = bases.get("LlamaForCausalLM")
     make_lora(model, seed=1, **PLAIN).save_pretrained(tmp_path / "plain")
     make_lora(model, seed=2, **PATTERNED).save_pretrained(tmp_path / "patterned")
-    blend = compose([read_adapter(tmp_path / "plain"), read_adapter(tmp_path / "patterned")], [0.8, -0.6], "svd", rank=6)
+    blend = compose(
+        [read_adapter(tmp_path / "plain"), read_adapter(tmp_path / "patterned")], [0.8, -0.6], "svd", rank=6
+    )
     store = Store(tmp_path / "store")
     store.put(blend, "blend:svd")
     write_adapter(store.get("blend:svd"), tmp_path / "blend")  # PEFT's view of the same blend: the oracle
@@ -218,8 +223,14 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     ("kwargs", "message"),
     [
         (dict(use_dora=True), r"GGUF LoRA cannot hold DoRA magnitudes \(model\.layers\.0\.self_attn\.q_proj, "),
-        (dict(modules_to_save=["lm_head"]), r"GGUF LoRA cannot hold full module copies \(modules_to_save\) \(lm_head\)$"),
-        (dict(lora_bias=True), r"GGUF LoRA cannot hold LoRA biases \(lora_bias\) \(model\.layers\.0\.self_attn\.q_proj"),
+        (
+            dict(modules_to_save=["lm_head"]),
+            r"GGUF LoRA cannot hold full module copies \(modules_to_save\) \(lm_head\)$",
+        ),
+        (
+            dict(lora_bias=True),
+            r"GGUF LoRA cannot hold LoRA biases \(lora_bias\) \(model\.layers\.0\.self_attn\.q_proj",
+        ),
         (dict(trainable_token_indices=[1, 2]), r"GGUF LoRA cannot hold trainable tokens \(model\.embed_tokens\)$"),
     ],
     ids=["dora", "modules_to_save", "lora_bias", "trainable_tokens"],

@@ -13,10 +13,10 @@ import pytest
 import torch
 from helpers import MIXED_LORA_SPECS, save_base, save_lora, tiny_conv_net, tiny_gpt2, tiny_llama
 
-from adapterkit import compose
+from adapterkit import compose, inspect, plan_compose, plan_merge
 from adapterkit.adapter.model import Adapter
 from adapterkit.analysis.plotting import layer_and_type, plot
-from adapterkit.analysis.spectra import ENERGY_THRESHOLDS, inspect, plan_compose, plan_merge_summary
+from adapterkit.analysis.spectra import ENERGY_THRESHOLDS
 from adapterkit.errors import (
     BaseModelError,
     CompositionError,
@@ -396,9 +396,9 @@ def test_plan_compose_refuses_different_bases_and_empty_blends(parents: list[Ada
 # --- merge --dry-run --------------------------------------------------------------------------------------------
 
 
-def test_plan_merge_summary_matches_the_merge_report(parents: list[Adapter], llama_root: Path, tmp_path: Path) -> None:
+def test_plan_merge_matches_the_merge_report(parents: list[Adapter], llama_root: Path, tmp_path: Path) -> None:
     adapters, weights = parents[:2], WEIGHTS[:2]
-    summary = plan_merge_summary(adapters, weights, llama_root / "base")
+    summary = plan_merge(adapters, weights, llama_root / "base")
     json.dumps(summary, allow_nan=False)
     report = merge(adapters, weights, llama_root / "base", tmp_path / "out").to_json()
     for key in ("merged_tensors", "shards", "tensors", "bytes_written", "copied_files", "skipped_files", "warnings"):
@@ -416,16 +416,14 @@ def test_plan_merge_summary_matches_the_merge_report(parents: list[Adapter], lla
     assert summary["copied_tensors"] + len(summary["touched"]) == summary["tensors"]
 
 
-def test_plan_merge_summary_converts_and_refuses_like_merge(
-    parents: list[Adapter], llama_root: Path, tmp_path: Path
-) -> None:
-    summary = plan_merge_summary(parents[:1], [1.0], llama_root / "base", dtype="bf16")
+def test_plan_merge_converts_and_refuses_like_merge(parents: list[Adapter], llama_root: Path, tmp_path: Path) -> None:
+    summary = plan_merge(parents[:1], [1.0], llama_root / "base", dtype="bf16")
     report = merge(parents[:1], [1.0], llama_root / "base", tmp_path / "out", dtype="bf16").to_json()
     assert summary["bytes_written"] == report["bytes_written"] and summary["dtype"] == "BF16"
     assert summary["converted_tensors"] + len(summary["touched"]) == summary["tensors"]
     wrong = copy.copy(parents[0])
     wrong.metadata = {"base_model": {"name": "x", "structure_digest": "sha256:" + "0" * 64}}
     with pytest.raises(BaseModelError, match="fingerprints differ"):
-        plan_merge_summary([wrong], None, llama_root / "base")
+        plan_merge([wrong], None, llama_root / "base")
     with pytest.raises(CompositionError, match="weights"):
-        plan_merge_summary(parents[:2], [1.0], llama_root / "base")
+        plan_merge(parents[:2], [1.0], llama_root / "base")

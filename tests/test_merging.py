@@ -26,6 +26,7 @@ from helpers import (
     tiny_llama,
 )
 
+from adapterkit.adapter.dtypes import parse_dtype
 from adapterkit.adapter.model import Adapter
 from adapterkit.base_model import INDEX_NAME, fingerprint
 from adapterkit.errors import (
@@ -36,9 +37,10 @@ from adapterkit.errors import (
     MergeError,
     UnsupportedAdapterError,
 )
+from adapterkit.files.safetensors import read_header
 from adapterkit.formats.peft import read_adapter
-from adapterkit.formats.safetensors_io import read_header
-from adapterkit.merging.streamed import merge, parse_dtype, plan_merge
+from adapterkit.merging.plan import build_plan
+from adapterkit.merging.streamed import merge
 
 SHARD = "20KB"  # the tiny models then take 6 to 8 shards
 
@@ -285,7 +287,7 @@ def test_progress_is_called_per_tensor(llama: Case, tmp_path: Path) -> None:
 
 
 def test_plan_reports_without_writing(llama: Case, tmp_path: Path) -> None:
-    plan = plan_merge([read_adapter(llama.loras["mixed"])], [0.5], llama.base)
+    plan = build_plan([read_adapter(llama.loras["mixed"])], [0.5], llama.base)
     assert sorted(plan.targets) == sorted(f"{n}.weight" for n in read_adapter(llama.loras["mixed"]).modules)
     assert plan.weights == [0.5] and plan.total_bytes > 0
 
@@ -523,7 +525,7 @@ def test_the_output_does_not_depend_on_how_many_workers_compute_it(
     """Blocks computed out of order by several threads are written in order: byte-identical shards."""
     import adapterkit.merging.shard_writer as shard_writer
 
-    monkeypatch.setattr(shard_writer, "_BLOCK_ELEMENTS", 64)  # many blocks per tensor
+    monkeypatch.setattr(shard_writer, "BLOCK_ELEMENTS", 64)  # many blocks per tensor
     outputs = []
     for workers in (1, 3):
         monkeypatch.setattr(shard_writer, "_workers", lambda device, n=workers: n)
@@ -584,7 +586,7 @@ def test_an_io_error_anywhere_in_the_pipeline_fails_cleanly(
     import adapterkit.files.sequential as sequential_file
     import adapterkit.merging.shard_writer as shard_writer
 
-    monkeypatch.setattr(shard_writer, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(shard_writer, "BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(sequential_file, "_STAGING", 2 * 4096)  # many disk writes per shard
     real, calls = getattr(os, failing), []
 

@@ -33,6 +33,7 @@ from helpers import (
 from safetensors.torch import load_file
 
 from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
+from adapterkit.files.safetensors import iter_canonical_bytes, read_header
 from adapterkit.formats.peft import (
     BIN_NAME,
     CONFIG_NAME,
@@ -44,7 +45,6 @@ from adapterkit.formats.peft import (
     tensors_to_bytes,
     write_adapter,
 )
-from adapterkit.formats.safetensors_io import iter_canonical_bytes, read_header
 
 LOGITS_TOLERANCE = 1e-6
 
@@ -276,7 +276,7 @@ def test_safetensors_the_library_cannot_load_is_refused(lora_folder):
     tensors = {key: (value, "F32") for key, value in load(lora_folder / WEIGHTS_NAME).items()}
     raw = {key: ("F32", tuple(t.shape), t.numpy().tobytes()) for key, (t, _) in tensors.items()}
     raw["base_model.model.scale"] = ("F8_E8M0", (1,), b"\x7f")
-    from adapterkit.formats.safetensors_io import serialize
+    from adapterkit.files.safetensors import serialize
 
     (lora_folder / WEIGHTS_NAME).write_bytes(serialize(raw))
     try:

@@ -56,7 +56,7 @@ def test_hook_register_strategies(plugin_env: dict[str, str], peft_folders: Any,
         "name": "normalized",
         "version": "0.1",
         "builtin": False,
-        "hooks": ["register_commands", "register_strategies"],
+        "hooks": ["register_commands", "register_formats", "register_strategies"],
     } in document["plugins"]
 
     store = tmp_path / "store"
@@ -88,6 +88,36 @@ def test_hook_register_strategies(plugin_env: dict[str, str], peft_folders: Any,
     name = "model.layers.0.self_attn.q_proj"
     expected = 0.75 * a.delta(name) + 0.25 * b.delta(name)
     assert torch.allclose(blend.delta(name), expected, atol=1e-6)
+
+
+def test_hook_register_formats(plugin_env: dict[str, str], peft_folders: Any, tmp_path: Path) -> None:
+    """A third-party format from an entry point: listed, written by ``export --format``, read back by ``add``."""
+    listing = json.loads(cli(plugin_env, "plugins", "--json").stdout)
+    owners = {f["name"]: (f["plugin"], f["read"], f["write"]) for f in listing["formats"]}
+    assert owners["flat"] == ("normalized", True, True)
+    assert owners["peft"] == ("adapterkit.default_plugins", True, True)  # the built-in goes through the same hook
+
+    store = tmp_path / "store"
+    assert cli(plugin_env, "--store", store, "add", peft_folders.lora, "--tag", "a").returncode == 0
+    flat = tmp_path / "a.lora.safetensors"
+    written = cli(plugin_env, "--store", store, "export", "a", flat, "--format", "flat", "--json")
+    assert written.returncode == 0, written.stderr
+    assert json.loads(written.stdout)["written"] == [str(flat)]
+    added = cli(plugin_env, "--store", store, "add", flat, "--tag", "b", "--json")  # recognised by its name
+    assert added.returncode == 0, added.stderr
+
+    from adapterkit import Store
+
+    local = Store(store)
+    original, back = local.show("a"), local.show("b")
+    by_name = {f["name"]: f["digest"] for f in original["files"]}
+    assert {f["name"]: f["digest"] for f in back["files"]}["adapter_model.safetensors"] == by_name[
+        "adapter_model.safetensors"
+    ]  # the same tensors, byte for byte once canonical
+    assert back["modules"] == original["modules"] and back["peft_config"] == original["peft_config"]
+    refused = cli(plugin_env, "--store", store, "export", "a", tmp_path / "x", "--format", "nope")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == "Error: unknown format 'nope'; available: flat, peft"
 
 
 def test_a_broken_plugin_warns_and_the_rest_work(plugin_env: dict[str, str]) -> None:

@@ -17,8 +17,8 @@ import torch
 from click.testing import CliRunner
 from helpers import make_lora, save_base, save_lora, tiny_gpt2, tiny_llama
 
-from adapterkit.analysis.preflight import check
 from adapterkit.base_model import BaseModel
+from adapterkit.checking import check
 from adapterkit.cli import cli
 from adapterkit.store import Store
 
@@ -76,7 +76,10 @@ def test_wrong_key_prefix(made: dict[str, Path], store: Store, tmp_path: Path) -
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(weights)
-    save_file({k.replace("base_model.model.model.layers.", "base_model.model.layers."): v for k, v in tensors.items()}, weights)
+    save_file(
+        {k.replace("base_model.model.model.layers.", "base_model.model.layers."): v for k, v in tensors.items()},
+        weights,
+    )
     store.add(folder, "a:1")
     lines = _lines(check(store, "a:1", made["root"] / "base"))
     assert lines == [
@@ -91,7 +94,9 @@ def test_doubled_prefix_is_a_wrong_prefix_too(made: dict[str, Path], store: Stor
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(weights)
-    save_file({k.replace("base_model.model.model.", "base_model.model.model.model."): v for k, v in tensors.items()}, weights)
+    save_file(
+        {k.replace("base_model.model.model.", "base_model.model.model.model."): v for k, v in tensors.items()}, weights
+    )
     store.add(folder, "a:1")
     lines = _lines(check(store, "a:1", made["root"] / "base"))
     assert len(lines) == 1 and lines[0].startswith("key prefix: 6 name(s) have prefix 'model.' where the base has ''")
@@ -143,8 +148,9 @@ def test_transposed_conv1d(made: dict[str, Path], store: Store, tmp_path: Path) 
     store.add(folder, "a:1")
     lines = _lines(check(store, "a:1", made["root"] / "gpt2"))
     assert lines[0] == (
-        "module transformer.h.0.attn.c_attn: its delta is laid out [96, 32] but base tensor transformer.h.0.attn.c_attn.weight "
-        "is [32, 96]; the base stores a GPT-2 style Conv1D weight [in, out]: the adapter needs fan_in_fan_out=true"
+        "module transformer.h.0.attn.c_attn: its delta is laid out [96, 32] but base tensor "
+        "transformer.h.0.attn.c_attn.weight is [32, 96]; the base stores a GPT-2 style Conv1D weight [in, out]: "
+        "the adapter needs fan_in_fan_out=true"
     )
     assert len(lines) == 2
     store.add(made["root"] / "gpt2_lora", "a:2")
@@ -155,7 +161,9 @@ def test_wrong_dtype(made: dict[str, Path], store: Store) -> None:
     root = made["root"]
     store.add(root / "lora", "a:1", base=root / "base")
     lines = _lines(check(store, "a:1", root / "bf16"))
-    assert lines == [f"base dtype: the adapter was recorded against this model in F32, but {root / 'bf16'} holds BF16 weights"]
+    assert lines == [
+        f"base dtype: the adapter was recorded against this model in F32, but {root / 'bf16'} holds BF16 weights"
+    ]
 
 
 def test_half_precision_factors_on_the_other_half_type(made: dict[str, Path], store: Store, tmp_path: Path) -> None:
@@ -194,4 +202,3 @@ def test_cli_check_exit_codes_and_json(made: dict[str, Path], tmp_path: Path) ->
     assert doc.exit_code == 1
     parsed = json.loads(doc.output)
     assert parsed["ok"] is False and [p["kind"] for p in parsed["problems"]] == ["missing", "missing"]
-

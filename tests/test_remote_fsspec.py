@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from adapterkit import Store
 from adapterkit.errors import (
     IntegrityError,
     InvalidReferenceError,
@@ -27,8 +28,7 @@ from adapterkit.errors import (
 )
 from adapterkit.plugins import Plugins
 from adapterkit.remotes.base import Remote, TransferResult
-from adapterkit.remotes.fsspec_remote import FsspecRemote
-from adapterkit.store import Store
+from adapterkit.remotes.fsspec import FsspecRemote
 from adapterkit.sync import open_remote, push
 
 try:
@@ -607,9 +607,9 @@ def test_concurrent_pushes_leave_one_consistent_winner(
 def test_s3_multipart_upload_for_large_blobs(
     s3: S3TestServer, monkeypatch: pytest.MonkeyPatch, stores: tuple[Store, Store], make_adapter: Callable[..., Path]
 ) -> None:
-    import adapterkit.remotes.fsspec_remote as module
+    import adapterkit.remotes.fsspec.s3 as module
 
-    monkeypatch.setattr(module, "_PART", 5 << 20)  # S3's smallest part
+    monkeypatch.setattr(module, "PART", 5 << 20)  # S3's smallest part
     a, b = stores
     digest = a.add(make_adapter("big", seed=3, modules=8, r=16, dim=6144, readme=None), REF).digest
     url = f"s3://{BUCKET}/ak-{uuid.uuid4().hex[:8]}"

@@ -25,7 +25,7 @@ from adapterkit_hub.remote import MANIFEST_PATH, METADATA_PATH, HubRemote
 from adapterkit_hub.url import HubURL, default_local_ref, parse_hf_url
 from hub_server import HubServer
 
-from adapterkit import sync
+from adapterkit import Store, sync
 from adapterkit.errors import (
     AdapterFormatError,
     IntegrityError,
@@ -36,7 +36,6 @@ from adapterkit.errors import (
     UnsupportedAdapterError,
 )
 from adapterkit.plugins import Plugins
-from adapterkit.store import Store
 
 _names = itertools.count()
 
@@ -196,7 +195,7 @@ def test_round_trip_exact_digest_and_peft_loads(fresh: HubServer, peft_folders: 
     base = tiny_llama(seed=0)
     expected = logits(load_peft(base, peft_folders.lora))
     assert torch.equal(logits(load_peft(base, Path(snapshot))), expected)
-    assert torch.equal(logits(load_peft(base, b.export(local, tmp_path / "export"))), expected)
+    assert torch.equal(logits(load_peft(base, b.export(local, tmp_path / "export").path)), expected)
 
 
 def test_second_push_sends_nothing(fresh: HubServer, peft_folders: Any, write_folder: Any, tmp_path: Path) -> None:
@@ -327,7 +326,7 @@ def test_pull_plain_skips_blobs_the_store_has(fresh: HubServer, peft_folders: An
     store = Store(tmp_path / "s")
     digest = store.add(peft_folders.lora, "mine:v1").digest
     repo = repo_name("canonical")
-    fresh.seed(repo, peft_files(store.export("mine:v1", tmp_path / "exported")))
+    fresh.seed(repo, peft_files(store.export("mine:v1", tmp_path / "exported").path))
     pulled = remote(fresh, f"hf://{repo}").pull(store, tag="theirs:v1")
     assert pulled.digest == digest
     weights = next(layer for layer in store.manifest(digest)[1] if layer.title == "adapter_model.safetensors")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 
 from adapterkit.errors import AdapterFormatError
-from adapterkit.formats.safetensors_io import (
+from adapterkit.files.safetensors import (
     CANONICAL_METADATA,
     MAX_HEADER_BYTES,
     canonical_header,

@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapterkit import Store
 from adapterkit.base_model import fingerprint
 from adapterkit.errors import (
     AdapterFormatError,
@@ -35,9 +36,8 @@ from adapterkit.errors import (
     UnsupportedAdapterError,
 )
 from adapterkit.files import fsutil
+from adapterkit.files.safetensors import serialize
 from adapterkit.formats.peft import read_adapter
-from adapterkit.formats.safetensors_io import serialize
-from adapterkit.store import Store
 from adapterkit.store import gc as gc_module
 from adapterkit.store.documents import canonical_json
 
@@ -259,7 +259,7 @@ def test_export_is_byte_identical_and_refuses_non_empty_dirs(
     store: Store, peft_folders: Any, tmp_path: Path, snapshot: Snapshot
 ) -> None:
     digest = store.add(peft_folders.lora, "a").digest
-    out = store.export("a", tmp_path / "out")
+    out = store.export("a", tmp_path / "out").path
     for title, blob in layers_of(store, digest).items():
         assert (out / title).read_bytes() == store.blobs.path(blob).read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(layers_of(store, digest))
@@ -364,7 +364,7 @@ def test_registry_work_never_imports_torch(tmp_path: Path, make_adapter: Callabl
     folder = make_adapter("a", seed=1)
     script = f"""
 import sys
-from adapterkit.store import Store
+from adapterkit import Store
 store = Store({str(tmp_path / "store")!r})
 digest = store.add({str(folder)!r}, "a").digest
 store.tag("a", "b"); store.resolve(digest[:12]); store.show("a"); store.list(); store.remove("b")

@@ -38,8 +38,8 @@ import click
 import pytest
 import torch
 
+from adapterkit import Store
 from adapterkit.formats.peft import read_adapter
-from adapterkit.store import Store
 
 CLI = [sys.executable, "-m", "adapterkit.cli"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -420,7 +420,7 @@ def test_random_kills_of_add_tag_and_gc(tmp_path: Path, write_folder: Callable[.
 WORKER = r"""
 import json, random, sys, time
 from adapterkit.errors import AdapterkitError, ReferenceNotFoundError
-from adapterkit.store import Store
+from adapterkit import Store
 
 root, wid, seed, count, folders, names, reads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
     json.loads(sys.argv[5]), json.loads(sys.argv[6]), sys.argv[7] == "1"

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["Certificate", "Factors", "relative_difference"]
+if TYPE_CHECKING:
+    from adapterkit.adapter.model import Adapter
+
+__all__ = ["Certificate", "Factors", "compare_adapters", "relative_difference"]
 
 
 @dataclass(frozen=True)
@@ -114,3 +117,19 @@ class Certificate:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Certificate:
         return cls(method=doc["method"], modules=dict(doc["modules"]))
+
+
+def compare_adapters(stored: Adapter, written: Adapter, method: str) -> Certificate:
+    """Each stored module against the same module of ``written`` (a missing one counts as 1: nothing applied)."""
+    certificate = Certificate(method=method)
+    for name, module in stored.modules.items():
+        other = written.modules.get(name)
+        if other is None:
+            certificate.modules[name] = 1.0
+            continue
+        certificate.add(
+            name,
+            Factors(module.A, module.B, module.spec.scaling),
+            Factors(other.A, other.B, other.spec.scaling),
+        )
+    return certificate

@@ -23,36 +23,26 @@ from adapterkit.adapter.config import (
     describe_modules,
     validate_lora_config,
 )
-from adapterkit.errors import AdapterFormatError, CompositionError, UnsupportedAdapterError
+from adapterkit.adapter.dtypes import code_of
+from adapterkit.errors import CompositionError, UnsupportedAdapterError
+from adapterkit.files.safetensors import serialize
 
-__all__ = ["TORCH_DTYPES", "Adapter", "LoraModule", "check_weights"]
-
-#: safetensors dtype names for the torch dtypes adapters use.
-TORCH_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-# Unsigned wide integers arrived in torch 2.3; safetensors.torch loads U16/U32/U64 into them.
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if isinstance(getattr(torch, _name, None), torch.dtype):
-        TORCH_DTYPES[getattr(torch, _name)] = _code
+__all__ = ["Adapter", "LoraModule", "check_weights", "dtype_name", "tensors_to_bytes"]
 
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
-    try:
-        return TORCH_DTYPES[tensor.dtype]
-    except KeyError:
-        raise AdapterFormatError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot hold") from None
+    """The safetensors code of ``tensor``'s dtype; ``key`` names it in the error."""
+    return code_of(tensor.dtype, key)
+
+
+def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Canonical safetensors bytes for ``tensors`` (tensors sorted by name, fixed metadata)."""
+    raw: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for key, tensor in tensors.items():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        raw[key] = (dtype_name(tensor, key), tuple(tensor.shape), data)
+    return serialize(raw)
 
 
 @dataclass
@@ -128,6 +118,11 @@ class Adapter:
     def num_parameters(self) -> int:
         """Parameters in the LoRA factors (extra tensors not counted)."""
         return sum(module.spec.num_parameters for module in self.modules.values())
+
+    @property
+    def factor_bytes(self) -> int:
+        """Bytes the LoRA factors take in memory (extra tensors not counted)."""
+        return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
 
     def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The change module ``name`` makes to its base weight, shaped like that weight."""

@@ -46,10 +46,7 @@ def fold_into_b(module: LoraModule, factor: float, dtype: torch.dtype | None = N
     adapterkit never writes a NaN or an infinity.
     """
     target = dtype or module.B.dtype
-    if factor == 1.0:
-        out = module.B.to(target)
-    else:
-        out = (module.B.to(torch.float64) * factor).to(target)
+    out = module.B.to(target) if factor == 1.0 else (module.B.to(torch.float64) * factor).to(target)
     if not bool(torch.isfinite(out).all()):
         raise ExportError(
             f"module {module.name!r}: its factor B times the scaling {factor:g} does not fit {str(target)[6:]} "

@@ -1,4 +1,4 @@
-"""``inspect`` and dry-run plans: what adapters hold, how they interfere, and what a blend or merge will cost.
+"""``inspect``: what adapters hold, how they interfere, and how much of a blend each rank keeps.
 
 Everything here works from the LoRA factors alone and never forms a module's dense ``out x in``
 delta, so inspecting a 70B adapter costs about as much as loading it:
@@ -14,14 +14,12 @@ delta, so inspecting a 70B adapter costs about as much as loading it:
   over the stacked factors that the ``svd`` strategy uses, so it predicts what ``svd --rank`` keeps.
 
 Every function returns plain dicts of numbers, strings and lists (JSON-able as they are), so the
-CLI only prints them. Pure tensor maths apart from reading base-model headers in
-:func:`plan_merge_summary`.
+CLI only prints them. Pure tensor maths.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,14 +27,12 @@ import torch
 
 from adapterkit.adapter.config import delta_blockers
 from adapterkit.adapter.model import check_weights
-from adapterkit.composition.engine import _common_shape, adapter_digest, check_compatible, resolve_strategy
+from adapterkit.composition.engine import adapter_digest, check_compatible, common_shape
 from adapterkit.errors import CompositionError, UnsupportedAdapterError
-from adapterkit.strategies._dense import block_entries
-from adapterkit.strategies._lowrank import choose_rank, derive_seed, sketch_width, stacked_svd
+from adapterkit.strategies.lowrank import choose_rank, derive_seed, stacked_svd
 
 if TYPE_CHECKING:
     from adapterkit.adapter.model import Adapter, LoraModule
-    from adapterkit.plugins import Plugins
 
 __all__ = [
     "DEFAULT_SIGN_SAMPLES",
@@ -46,8 +42,6 @@ __all__ = [
     "factor_inner",
     "factor_spectrum",
     "inspect",
-    "plan_compose",
-    "plan_merge_summary",
     "sample_entries",
 ]
 
@@ -57,10 +51,6 @@ ENERGY_THRESHOLDS: tuple[float, ...] = (0.9, 0.95, 0.99)
 NUMERICAL_RANK_TOLERANCE = 1e-6
 #: Entries sampled per module for the sign-conflict estimate (standard error at most 0.5 / sqrt(n) ~ 0.008).
 DEFAULT_SIGN_SAMPLES = 4096
-#: Strategies whose output rank follows from the factors (the rest truncate a dense delta).
-_FACTOR_STRATEGIES = ("linear", "svd")
-#: Dense strategies that select each parent's magnitude threshold in a pass of its own.
-_THRESHOLDED = ("ties", "magnitude_prune")
 
 
 # --- pure maths on factors ---------------------------------------------------------------------------------------
@@ -177,10 +167,6 @@ def _present(adapters: Sequence[Adapter], weights: Sequence[float], name: str) -
     ]
 
 
-def _factor_bytes(adapter: Adapter) -> int:
-    return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in adapter.modules.values())
-
-
 def _energy_key(energy: float) -> str:
     return format(energy, "g")
 
@@ -247,7 +233,7 @@ def inspect(
         check_compatible(adapters, force=force)
     names = sorted({name for adapter in adapters for name in adapter.modules})
     for name in names:
-        _common_shape(name, [m.spec for _, m, _ in _present(adapters, values, name)])
+        common_shape(name, [m.spec for _, m, _ in _present(adapters, values, name)])
 
     report: dict[str, Any] = {
         "weights": values,
@@ -286,7 +272,7 @@ def _describe_adapter(index: int, adapter: Adapter, weight: float) -> dict[str, 
         "weight": weight,
         "num_modules": len(modules),
         "num_parameters": adapter.num_parameters,
-        "size_bytes": _factor_bytes(adapter),
+        "size_bytes": adapter.factor_bytes,
         "ranks": {"min": min(ranks), "max": max(ranks)},
         "mean_effective_rank": sum(effective) / len(effective),
         "frobenius_norm": math.sqrt(squared),
@@ -397,281 +383,3 @@ def _energy_report(adapters: Sequence[Adapter], weights: list[float], names: lis
     if curves:
         summary["curve"] = overall.tolist()
     return {"thresholds": list(ENERGY_THRESHOLDS), "modules": modules, "overall": summary}
-
-
-# --- compose --dry-run ------------------------------------------------------------------------------------------
-
-
-def _dtype_code(dtype: torch.dtype) -> str:
-    from adapterkit.adapter.model import TORCH_DTYPES
-
-    return TORCH_DTYPES[dtype]
-
-
-def plan_compose(
-    adapters: Sequence[Adapter],
-    weights: Sequence[float] | None = None,
-    strategy: str = "linear",
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    force: bool = False,
-    plugins: Plugins | None = None,
-    **params: Any,
-) -> dict[str, Any]:
-    """What ``compose`` with the same arguments would produce and cost, without composing; JSON-able.
-
-    Raises what ``compose`` raises before its first module (weights, strategy, parameters,
-    bases, module shapes), and the empty-blend error where the plan can tell. Output ranks per module:
-
-    * ``linear``: the sum of the parents' ranks (the factors are stacked);
-    * ``svd``: ``rank``, else the smallest k keeping ``energy``, else the parents' largest rank,
-      from the spectrum of the exact sum (QR of the stacked factors + SVD of the small core,
-      computed with the calls and dtype ``compose`` uses, so the k is the one it picks); the
-      predicted ``truncation_error`` is the one ``compose`` records in the lineage;
-    * strategies that truncate a dense delta (``ties``, ``dare_*``, ``magnitude_prune``):
-      ``rank``, else the parents' largest rank, capped at ``min(out, in)``; with ``energy`` the
-      rank depends on the dense delta itself, so it is ``None`` (``rank_max`` bounds it);
-    * any other strategy: ``None``.
-
-    Estimates use R = sum of the parents' ranks, k = output rank, m x n = out x (in * kernel), N
-    parents and e = bytes per element of the compute dtype:
-
-    * ``linear``: 2Rn FLOPs (folding scaling and weight into A); working set 2(m + n)R e;
-    * ``svd``: 2Rn + 2(m + n)R² (two Householder QRs) + 24R³ (core product and its SVD with
-      vectors) + 2(m + n)Rk (forming the output factors); working set ((m + n)(2R + k) + 4R²) e;
-    * dense: 2mnR (forming the deltas block by block; twice for ``ties`` and ``magnitude_prune``,
-      whose thresholds take a pass of their own) + 10Nmn (trimming, dropping, sign election,
-      disjoint mean) + 2(m + n)R² + 24R³ (the exact sum's directions, which start the sketch) +
-      the truncation: an exact SVD, 4 max(m, n) L² + 22 L³ with L = min(m, n), with ``energy`` or
-      when the sketch would span half of L, else a sketch of q = k + 16 columns refined by subspace
-      iterations until they stop paying (counted as the usual two), 12mnq + 12(m + n)q²;
-      working set (mn + (m + n)L or (m + n)q + (N + 4) b) e, b being the entries in one block of
-      rows (128K on CPU).
-
-    ``module_peak_bytes`` is the largest module's working set; ``peak_bytes`` adds the parents'
-    factors and the result's factors, which compose holds throughout. These are estimates for
-    choosing between settings, not measurements.
-    """
-    values = check_weights(adapters, weights, "compose")
-    chosen, resolved = resolve_strategy(strategy, params, plugins)
-    base_model = check_compatible(adapters, force=force)
-
-    factor_dtypes = {m.A.dtype for a in adapters for m in a.modules.values()}
-    out_dtype = dtype or (factor_dtypes.pop() if len(factor_dtypes) == 1 else torch.float32)
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-    identity = chosen.name == "linear" and len(adapters) == 1 and values[0] == 1.0
-    if identity:
-        out_dtype = None  # the parent itself, factors untouched
-    notes: list[str] = []
-    if identity:
-        notes.append("one adapter with weight 1: the result is the parent itself, bit for bit")
-    kind = chosen.name if chosen.name in _FACTOR_STRATEGIES else "dense" if "rank" in chosen.params else "other"
-    if kind == "other":
-        notes.append(f"strategy {strategy!r} is not one whose output rank can be predicted; ranks and costs unknown")
-    rank, energy = resolved.get("rank"), resolved.get("energy")
-    esize = torch.empty((), dtype=compute).element_size()
-    device_type = torch.device(device).type if device is not None else "cpu"
-
-    modules: dict[str, Any] = {}
-    sizes: dict[str, tuple[int, int]] = {}  # (out, in * kernel): an output factor pair holds rank * (out + in) values
-    names = sorted({name for adapter in adapters for name in adapter.modules})
-    for name in names:
-        present = _present(adapters, values, name)
-        shape = _common_shape(name, [m.spec for _, m, _ in present])
-        m = shape.out_features
-        n = shape.in_features * math.prod(shape.kernel)
-        sizes[name] = (m, n)
-        ranks = [module.spec.r for _, module, _ in present]
-        R, N, L = sum(ranks), len(present), min(m, n)
-        entry: dict[str, Any] = {
-            "shape": list(shape.base_shape),
-            "adapters": [i for i, _, _ in present],
-            "input_ranks": ranks,
-            "input_rank": R,
-        }
-        if kind == "linear":
-            k = ranks[0] if identity else R
-            entry.update(rank=k, rank_max=k, truncation_error=None)
-            entry.update(flops=0 if identity else 2 * R * n, peak_bytes=0 if identity else 2 * (m + n) * R * esize)
-        elif kind == "svd":
-            factors = [
-                (module.A.to(dtype=compute).flatten(1) * module.spec.scaling, module.B.to(dtype=compute).flatten(1))
-                for _, module, _ in present
-            ]
-            S = _stacked(factors, [w for _, _, w in present])
-            k = choose_rank(S, rank, energy, max(ranks))
-            power = S.double() ** 2
-            total = float(power.sum())
-            entry.update(
-                rank=k,
-                rank_max=S.numel(),
-                truncation_error=math.sqrt(float(power[k:].sum()) / total) if total > 0 else 0.0,
-                flops=2 * R * n + 2 * (m + n) * R**2 + 24 * R**3 + 2 * (m + n) * R * k,
-                peak_bytes=((m + n) * (2 * R + k) + 4 * R**2) * esize,
-            )
-        elif kind == "dense":
-            k = None if energy is not None else max(0, min(rank if rank is not None else max(ranks), L))
-            q = sketch_width((m, n), rank, energy, max(ranks))
-            if q is None:
-                truncation, workspace = 4 * max(m, n) * L**2 + 22 * L**3, m * n + (m + n) * L
-            else:
-                truncation, workspace = 12 * m * n * q + 12 * (m + n) * q**2, (m + n) * q
-            passes = 2 if chosen.name in _THRESHOLDED else 1  # trimming selects each parent's threshold first
-            entry.update(
-                rank=k,
-                rank_max=L,
-                flops=passes * 2 * m * n * R + 10 * N * m * n + 2 * (m + n) * R**2 + 24 * R**3 + truncation,
-                peak_bytes=(m * n + workspace + (N + 4) * min(m * n, block_entries(device_type))) * esize,
-            )
-        else:
-            entry.update(rank=None, rank_max=None, flops=None, peak_bytes=None)
-        modules[name] = entry
-
-    known = [e["rank"] for e in modules.values() if e["rank"] is not None]
-    dropped = sorted(name for name, e in modules.items() if e["rank"] == 0)
-    if modules and len(dropped) == len(modules):
-        raise CompositionError("the blend is empty: every module's result has rank 0")
-    unknown = len(known) < len(modules)
-    kept = [k for k in known if k > 0]
-    output_parameters: int | None = None
-    output_bytes: int | None = None
-    if identity:
-        output_parameters, output_bytes = adapters[0].num_parameters, _factor_bytes(adapters[0])
-    elif not unknown:
-        assert out_dtype is not None
-        output_parameters = sum(e["rank"] * sum(sizes[name]) for name, e in modules.items())
-        output_bytes = output_parameters * torch.empty((), dtype=out_dtype).element_size()
-    input_bytes = sum(_factor_bytes(a) for a in adapters)
-    flops = None if any(e["flops"] is None for e in modules.values()) else sum(e["flops"] for e in modules.values())
-    module_peak = None if kind == "other" else max((e["peak_bytes"] for e in modules.values()), default=0)
-    return {
-        "strategy": strategy,
-        "parameters": {key: value for key, value in resolved.items() if value is not None},
-        "weights": values,
-        "device": str(device) if device is not None else "cpu",
-        "dtype": _dtype_code(out_dtype) if out_dtype is not None else None,
-        "compute_dtype": _dtype_code(compute),
-        "base_model": base_model,
-        "num_modules": len(modules) - len(dropped),
-        "dropped_modules": dropped,
-        "ranks": {"min": min(kept), "max": max(kept)} if kept else None,
-        "ranks_known": not unknown,
-        "output_parameters": output_parameters,
-        "output_bytes": output_bytes,
-        "input_bytes": input_bytes,
-        "flops": flops,
-        "module_peak_bytes": module_peak,
-        "peak_bytes": None if module_peak is None or output_bytes is None else input_bytes + output_bytes + module_peak,
-        "notes": notes,
-        "modules": modules,
-    }
-
-
-# --- merge --dry-run --------------------------------------------------------------------------------------------
-
-
-def plan_merge_summary(
-    adapters: Sequence[Adapter],
-    weights: Sequence[float] | None,
-    base_dir: str | os.PathLike[str],
-    dtype: str | torch.dtype | None = None,
-    force: bool = False,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
-    """What ``merge`` with the same arguments would write and cost, from :func:`~adapterkit.merging.plan_merge`.
-
-    Raises exactly what ``merge`` raises before writing (it runs the same plan). Keys shared with
-    ``MergeReport.to_json`` mean the same: ``merged_tensors`` is the sorted list of base tensors
-    that receive a delta and ``bytes_written`` the output shards' size (headers included).
-
-    ``flops`` is the sum over merged tensors of ``2 * rows * cols * r`` per contribution with a
-    non-zero weight (one ``addmm_`` each; the plan leaves zero-weight contributions out). ``peak_bytes``
-    follows merge's streaming: it holds the adapters' factors, one tensor's factors converted to
-    the compute dtype (float32, float64 for a float64 base or output), and reusable buffers sized
-    by the largest row block (``shard_writer._BLOCK_ELEMENTS`` elements or one whole row, whichever is
-    larger): a raw input block and a compute block per worker thread, and ``shard_writer._WRITE_DEPTH``
-    plus one per worker output blocks in flight. The number of workers depends on the machine's
-    cores; the estimate takes the most a CPU merge uses (``shard_writer._MAX_WORKERS``; 1 on a GPU), so
-    it does not change from machine to machine. Whole tensors are never held, so ``largest_tensor``
-    is there for reference only.
-    """
-    from adapterkit.formats.safetensors_io import DTYPE_SIZES
-    from adapterkit.merging.plan import plan_merge
-    from adapterkit.merging.shard_writer import _BLOCK_ELEMENTS, _MAX_WORKERS, _WRITE_DEPTH, _shard_header
-    from adapterkit.merging.streamed import _device
-
-    plan = plan_merge(adapters, weights, base_dir, dtype=dtype, force=force)
-    touched: dict[str, Any] = {}
-    converted = copied = 0
-    headers = 0
-    flops = 0
-    update_peak = in_peak = writer_peak = 0
-    work_peak: dict[str, int] = {}
-    largest: dict[str, Any] | None = None
-    for path, header in plan.shards.items():
-        order = sorted(header.tensors.values(), key=lambda info: (info.begin, info.end))
-        headers += len(_shard_header(order, plan))
-        for info in order:
-            out_code = plan.out_dtype(info)
-            if largest is None or info.numel > largest["numel"]:
-                largest = {"name": info.name, "shape": list(info.shape), "numel": info.numel, "bytes": info.nbytes}
-            contributions = plan.targets.get(info.name)
-            if not contributions and out_code == info.dtype:
-                copied += 1
-                continue
-            compute = "F64" if "F64" in (info.dtype, out_code) else "F32"
-            if contributions:
-                rows = info.shape[0]
-                cols = info.numel // max(rows, 1)
-            else:
-                converted += 1
-                rows, cols = info.numel, 1
-            block = min(rows, max(1, _BLOCK_ELEMENTS // max(cols, 1))) * cols
-            # buffers are allocated at a minimum size, but only the bytes a block fills are ever touched
-            in_peak = max(in_peak, block * DTYPE_SIZES[info.dtype])
-            writer_peak = max(writer_peak, block * DTYPE_SIZES[out_code])
-            if contributions:
-                work_peak[compute] = max(work_peak.get(compute, 0), block * DTYPE_SIZES[compute])
-                tensor_flops = sum(2 * rows * cols * c.module.spec.r for c in contributions)
-                update_peak = max(
-                    update_peak, sum((rows + cols) * c.module.spec.r * DTYPE_SIZES[compute] for c in contributions)
-                )
-                flops += tensor_flops
-                touched[info.name] = {
-                    "shard": path.name,
-                    "shape": list(info.shape),
-                    "dtype": info.dtype,
-                    "out_dtype": out_code,
-                    "flops": tensor_flops,
-                    "contributions": [
-                        {"adapter": c.adapter, "module": c.module.name, "r": c.module.spec.r, "factor": c.factor}
-                        for c in contributions
-                    ],
-                }
-    adapter_bytes = sum(_factor_bytes(a) for a in adapters)
-    workers = _MAX_WORKERS if _device(device).type == "cpu" else 1
-    buffers = workers * (in_peak + sum(work_peak.values())) + (_WRITE_DEPTH + workers) * writer_peak
-    if largest is not None:
-        largest["float32_bytes"] = largest.pop("numel") * 4
-    return {
-        "base_dir": str(plan.base_dir),
-        "base_structure_digest": plan.base_structure_digest,
-        "adapters": [{"digest": a.digest, "weight": w} for a, w in zip(adapters, plan.weights, strict=True)],
-        "dtype": plan.dtype,
-        "shards": len(plan.shards),
-        "tensors": sum(len(header.tensors) for header in plan.shards.values()),
-        "merged_tensors": sorted(plan.targets),
-        "converted_tensors": converted,
-        "copied_tensors": copied,
-        "output_bytes": plan.total_bytes,
-        "bytes_written": plan.total_bytes + headers,
-        "copied_files": [path.name for path in plan.copy_files],
-        "skipped_files": plan.skipped_files,
-        "warnings": plan.warnings,
-        "flops": flops,
-        "adapter_bytes": adapter_bytes,
-        "peak_bytes": adapter_bytes + update_peak + buffers,
-        "largest_tensor": largest,
-        "touched": touched,
-    }

@@ -12,9 +12,9 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adapterkit import __version__
 from adapterkit.adapter.config import ModuleSpec, carried_features
 from adapterkit.errors import (
     CompositionError,
@@ -22,15 +22,16 @@ from adapterkit.errors import (
     UnknownStrategyError,
     UnsupportedAdapterError,
 )
+from adapterkit.strategies.base import ModuleInput, Strategy
+from adapterkit.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
-    from adapterkit.adapter.model import Adapter
+    from adapterkit.adapter.model import Adapter, LoraModule
     from adapterkit.plugins import Plugins
-    from adapterkit.strategies.base import Strategy
 
-__all__ = ["adapter_digest", "check_compatible", "compose", "resolve_strategy"]
+__all__ = ["Blend", "adapter_digest", "check_compatible", "common_shape", "compose", "prepare", "resolve_strategy"]
 
 
 def adapter_digest(adapter: Adapter) -> str:
@@ -79,7 +80,8 @@ def check_compatible(adapters: Sequence[Adapter], *, force: bool = False) -> dic
     return {"name": name, "revision": adapters[0].config.get("revision"), "structure_digest": structure}
 
 
-def _common_shape(name: str, specs: list[ModuleSpec]) -> ModuleSpec:
+def common_shape(name: str, specs: list[ModuleSpec]) -> ModuleSpec:
+    """The one shape every parent gives module ``name``, or IncompatibleAdaptersError naming both."""
     first = specs[0]
     for spec in specs[1:]:
         if (spec.kind, spec.in_features, spec.out_features, spec.kernel, spec.fan_in_fan_out) != (
@@ -112,6 +114,90 @@ def resolve_strategy(
         raise CompositionError(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class Blend:
+    """A compose call checked before its first module: what both ``compose`` and its dry run work from."""
+
+    adapters: Sequence[Adapter]
+    weights: list[float]
+    strategy: Strategy
+    params: dict[str, Any]
+    base_model: dict[str, Any] | None
+    #: dtype of the result's factors; compute: float64 when that is float64, else float32.
+    out_dtype: torch.dtype
+    compute: torch.dtype
+    #: One adapter at weight 1 through ``linear``: the result is the parent itself, bit for bit.
+    identity: bool
+    lineage: dict[str, Any]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({name for adapter in self.adapters for name in adapter.modules})
+
+    def present(self, name: str) -> list[tuple[int, LoraModule, float]]:
+        """(parent index, module, weight) of every parent that has module ``name``."""
+        return [
+            (i, a.modules[name], w)
+            for i, (a, w) in enumerate(zip(self.adapters, self.weights, strict=True))
+            if name in a.modules
+        ]
+
+    def module_input(self, name: str, device: torch.device) -> tuple[ModuleInput, ModuleSpec]:
+        """Module ``name`` as the strategy sees it (each parent's scaling folded into A), and its shape."""
+        present = self.present(name)
+        shape = common_shape(name, [m.spec for _, m, _ in present])
+        factors = [
+            (
+                m.A.to(device=device, dtype=self.compute).flatten(1) * m.spec.scaling,
+                m.B.to(device=device, dtype=self.compute).flatten(1),
+            )
+            for _, m, _ in present
+        ]
+        module_input = ModuleInput(
+            name=name, factors=factors, weights=[w for _, _, w in present], ranks=[m.spec.r for _, m, _ in present]
+        )
+        return module_input, shape
+
+
+def prepare(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None,
+    strategy: str,
+    params: Mapping[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    plugins: Plugins | None = None,
+) -> Blend:
+    """Check everything ``compose`` checks before its first module (weights, strategy, parameters, bases)."""
+    import torch
+
+    from adapterkit.adapter.model import check_weights
+
+    values = check_weights(adapters, weights, "compose")
+    chosen, resolved = resolve_strategy(strategy, params, plugins)
+    base_model = check_compatible(adapters, force=force)
+    factor_dtypes = {m.A.dtype for a in adapters for m in a.modules.values()}
+    out_dtype = dtype or (factor_dtypes.pop() if len(factor_dtypes) == 1 else torch.float32)
+    lineage: dict[str, Any] = {
+        "strategy": strategy,
+        "parameters": {k: v for k, v in resolved.items() if v is not None},
+        "parents": [{"digest": adapter_digest(a), "weight": w} for a, w in zip(adapters, values, strict=True)],
+        "adapterkit_version": __version__,
+    }
+    return Blend(
+        adapters=adapters,
+        weights=values,
+        strategy=chosen,
+        params=resolved,
+        base_model=base_model,
+        out_dtype=out_dtype,
+        compute=torch.float64 if out_dtype == torch.float64 else torch.float32,
+        identity=chosen.name == "linear" and len(adapters) == 1 and values[0] == 1.0,
+        lineage=lineage,
+    )
+
+
 def compose(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None = None,
@@ -131,48 +217,22 @@ def compose(
     """
     import torch
 
-    from adapterkit.adapter.model import Adapter, LoraModule, check_weights
+    from adapterkit.adapter.dtypes import torch_dtypes
+    from adapterkit.adapter.model import Adapter, LoraModule
 
-    weights = check_weights(adapters, weights, "compose")
-    chosen, resolved = resolve_strategy(strategy, params, plugins)
-    base_model = check_compatible(adapters, force=force)
-    parents = [{"digest": adapter_digest(a), "weight": w} for a, w in zip(adapters, weights, strict=True)]
-    lineage: dict[str, Any] = {
-        "strategy": strategy,
-        "parameters": {k: v for k, v in resolved.items() if v is not None},
-        "parents": parents,
-        "adapterkit_version": __version__,
-    }
-
-    if chosen.name == "linear" and len(adapters) == 1 and weights[0] == 1.0:
-        return _identity(adapters[0], base_model, lineage)  # bit-for-bit the parent: no rounding from folding
-
-    factor_dtypes = {m.A.dtype for a in adapters for m in a.modules.values()}
-    out_dtype = dtype or (factor_dtypes.pop() if len(factor_dtypes) == 1 else torch.float32)
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    blend = prepare(adapters, weights, strategy, params, dtype=dtype, force=force, plugins=plugins)
+    lineage = blend.lineage
+    if blend.identity:
+        return _identity(adapters[0], blend.base_model, lineage)  # bit-for-bit the parent: no rounding from folding
+    out_dtype = blend.out_dtype
     target = torch.device(device) if device is not None else torch.device("cpu")
 
-    names = sorted({name for adapter in adapters for name in adapter.modules})
     modules: dict[str, LoraModule] = {}
     errors: dict[str, float] = {}
-    from adapterkit.adapter.model import TORCH_DTYPES
-    from adapterkit.strategies.base import ModuleInput
-
-    for name in names:
-        present = [(a.modules[name], w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
-        shape = _common_shape(name, [m.spec for m, _ in present])
-        factors = [
-            (
-                m.A.to(device=target, dtype=compute).flatten(1) * m.spec.scaling,
-                m.B.to(device=target, dtype=compute).flatten(1),
-            )
-            for m, _ in present
-        ]
-        module_input = ModuleInput(
-            name=name, factors=factors, weights=[w for _, w in present], ranks=[m.spec.r for m, _ in present]
-        )
+    for name in blend.names:
+        module_input, shape = blend.module_input(name, target)
         try:
-            result = chosen.function(module_input, **resolved)
+            result = blend.strategy.function(module_input, **blend.params)
         except ValueError as exc:
             raise CompositionError(f"strategy {strategy!r} failed on module {name!r}: {exc}") from None
         rank = result.A.shape[0]
@@ -188,7 +248,7 @@ def compose(
             out_features=shape.out_features,
             kernel=shape.kernel,
             fan_in_fan_out=shape.fan_in_fan_out,
-            dtype=TORCH_DTYPES[out_dtype],
+            dtype=torch_dtypes()[out_dtype],
         )
         A = result.A.reshape(spec.a_shape).to(device="cpu", dtype=out_dtype).contiguous()
         B = result.B.reshape(spec.b_shape).to(device="cpu", dtype=out_dtype).contiguous()
@@ -203,7 +263,7 @@ def compose(
     config = _derived_config(adapters[0].config, modules)
     extras = _shared_extras(adapters)
     blended = Adapter(config=config, modules=modules, extra_tensors=extras, key_prefix=adapters[0].key_prefix)
-    blended.metadata = {"base_model": base_model, "lineage": lineage}
+    blended.metadata = {"base_model": blend.base_model, "lineage": lineage}
     return blended
 
 

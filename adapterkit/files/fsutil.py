@@ -17,7 +17,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TempFile", "ensure_dir", "fsync_dir", "open_temp", "remove_quietly", "replace_atomic", "temp_name"]
+__all__ = [
+    "TempFile",
+    "ensure_dir",
+    "fsync_dir",
+    "fsync_file",
+    "open_temp",
+    "remove_quietly",
+    "replace_atomic",
+    "temp_name",
+    "write_all",
+]
 
 
 def temp_name(tmp_dir: Path, suffix: str) -> Path:
@@ -36,6 +46,15 @@ def fsync_dir(path: Path) -> None:
     except OSError as exc:  # some filesystems refuse fsync on directories
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make a file's written bytes durable (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -110,7 +129,7 @@ def open_temp(tmp_dir: Path, suffix: str) -> Iterator[TempFile]:
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """``os.write`` until every byte is written (a write to a regular file may be short)."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")
     while view:
         written = os.write(fd, view)
         view = view[written:]

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["SequentialFile", "copy_range", "pread_exact", "write_all"]
+from adapterkit.files.fsutil import write_all
+
+__all__ = ["SequentialFile", "copy_range", "pread_exact"]
 
 #: Offsets, lengths and addresses of ``O_DIRECT`` writes are multiples of this (the largest common
 #: logical block size).
@@ -32,13 +34,6 @@ _WRITEBACK_EVERY = 1 << 25
 _SYNC_FILE_RANGE_WRITE = 2
 #: Chunk of a copy through user space.
 _CHUNK = 1 << 24
-
-
-def write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def pread_exact(fd: int, into: memoryview, offset: int, what: str) -> None:

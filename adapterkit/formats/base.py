@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from adapterkit.errors import UnsupportedAdapterError
+from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adapterkit.params import Param, check_params
 
 if TYPE_CHECKING:
@@ -44,6 +44,42 @@ class AdapterFiles:
     files: dict[str, bytes] = field(default_factory=dict)
     #: What messages name: the file the adapter was read from.
     source: str = "adapter"
+
+    @classmethod
+    def from_adapter(
+        cls, adapter: Adapter, *, source: str = "adapter", files: dict[str, bytes] | None = None
+    ) -> AdapterFiles:
+        """The files of an adapter already in memory (what a format that can only load tensors returns from ``read``).
+
+        The config is resolved against the tensors first, so what is stored is exactly what PEFT
+        will load: a config that would give a module another scaling than it has is refused.
+        """
+        import math
+
+        from adapterkit.adapter.config import describe_modules, validate_lora_config
+        from adapterkit.adapter.model import dtype_name, tensors_to_bytes
+
+        tensors = adapter.state_dict()
+        shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}
+        validate_lora_config(adapter.config, f"{source} config")
+        modules, extras, _ = describe_modules(adapter.config, shapes, source)
+        for spec in modules:
+            own = adapter.modules[spec.name].spec.scaling
+            if not math.isclose(spec.scaling, own, rel_tol=1e-12):
+                raise AdapterFormatError(
+                    f"{source} config gives module {spec.name!r} scaling {spec.scaling:g}, but the module has {own:g}"
+                )
+        weights = tensors_to_bytes(tensors)
+        return cls(
+            config=dict(adapter.config),
+            modules=modules,
+            extra_tensors=extras,
+            weights=lambda: [weights],
+            weights_size=len(weights),
+            safetensors_metadata=dict((adapter.metadata or {}).get("safetensors_metadata") or {}),
+            files=dict(files or {}),
+            source=source,
+        )
 
 
 @dataclass(frozen=True)

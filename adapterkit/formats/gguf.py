@@ -197,7 +197,9 @@ def plan_gguf(adapter: Adapter, base: BaseModel) -> tuple[str, list[GgufTarget]]
         if permute and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = n_head if gguf_name.endswith("attn_q.weight") else n_kv
             if module.spec.out_features % (2 * heads):
-                raise ExportError(f"module {module.name!r}: {module.spec.out_features} rows do not split into {heads} heads")
+                raise ExportError(
+                    f"module {module.name!r}: {module.spec.out_features} rows do not split into {heads} heads"
+                )
         targets.append(GgufTarget(module, key, gguf_name, heads))
     return arch, targets
 
@@ -227,7 +229,9 @@ def _tensors(target: GgufTarget, dtype: torch.dtype) -> Iterator[tuple[str, torc
         a = a.T  # llama.cpp gathers rows of token_embd.lora_a by token id: (vocab, r)
     a = a.to(dtype)
     if not bool(torch.isfinite(a).all()):
-        raise ExportError(f"module {module.name!r}: its factor A does not fit {str(dtype)[6:]}; export with --dtype f32")
+        raise ExportError(
+            f"module {module.name!r}: its factor A does not fit {str(dtype)[6:]}; export with --dtype f32"
+        )
     yield f"{target.gguf_name}.lora_a", a.contiguous()
     yield f"{target.gguf_name}.lora_b", b.contiguous()
 
@@ -274,7 +278,9 @@ class GgufFormat(Format):
 
         opts = self.check_options(options)
         if opts["base"] is None:
-            raise ExportError("GGUF export needs the base model folder (--base BASE_DIR): llama.cpp names tensors by it")
+            raise ExportError(
+                "GGUF export needs the base model folder (--base BASE_DIR): llama.cpp names tensors by it"
+            )
         try:
             import gguf
         except ImportError:

@@ -13,14 +13,23 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterkit.adapter.config import ModuleSpec, describe_modules, load_config_json, validate_lora_config
 from adapterkit.errors import AdapterFormatError
-from adapterkit.formats.safetensors_io import Header, read_header, serialize
+from adapterkit.files.safetensors import (
+    Header,
+    canonical_size,
+    iter_canonical_bytes,
+    read_header,
+)
+from adapterkit.formats.base import AdapterFiles, ExportResult, Format
+from adapterkit.params import Param
+from adapterkit.store.store import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -33,18 +42,29 @@ __all__ = [
     "README_NAME",
     "WEIGHTS_NAME",
     "AdapterFolder",
+    "PeftFormat",
     "config_bytes",
     "load_bin",
     "open_folder",
     "read_adapter",
-    "tensors_to_bytes",
     "write_adapter",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-README_NAME = "README.md"
+#: The largest ``max_lora_rank`` vLLM accepts: ``MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]``
+#: in vLLM's ``vllm/config/lora.py``. vLLM refuses an adapter whose rank exceeds its ``max_lora_rank``.
+VLLM_MAX_LORA_RANK = 512
+
+
+def _pad_rank_check(value: int) -> str | None:
+    if isinstance(value, bool) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    if value > VLLM_MAX_LORA_RANK:
+        return (
+            f"must be at most {VLLM_MAX_LORA_RANK}, the largest max_lora_rank vLLM accepts "
+            f"(vllm/config/lora.py, MaxLoRARanks), got {value}"
+        )
+    return None
 
 
 def config_bytes(config: Mapping[str, Any]) -> bytes:
@@ -169,20 +189,6 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Canonical safetensors bytes for ``tensors`` (tensors sorted by name, fixed metadata)."""
-    import torch
-
-    from adapterkit.adapter.model import dtype_name
-
-    raw: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    for key, tensor in tensors.items():
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-        raw[key] = (dtype_name(tensor, key), tuple(tensor.shape), data)
-    return serialize(raw)
-
-
 def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     """Load a PEFT adapter folder into memory."""
     from safetensors.torch import load as load_safetensors
@@ -208,5 +214,87 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_bytes(config_bytes(adapter.config))
+    from adapterkit.adapter.model import tensors_to_bytes
+
     (folder / WEIGHTS_NAME).write_bytes(tensors_to_bytes(adapter.state_dict()))
     return folder
+
+
+class PeftFormat(Format):
+    """PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``).
+
+    Reading streams the weights as canonical safetensors bytes without torch (a ``.bin`` needs
+    torch's restricted loader). This is also how the store lays an adapter out, so exporting a
+    stored adapter as ``peft`` copies its files byte for byte (:meth:`adapterkit.Store.export`).
+    """
+
+    name = "peft"
+    description = "PEFT adapter folder (adapter_config.json + adapter_model.safetensors); what PeftModel loads"
+    #: The files of a PEFT folder, for plugins that move them (the Hub remote).
+    CONFIG, WEIGHTS, BIN, README = CONFIG_NAME, WEIGHTS_NAME, BIN_NAME, README_NAME
+
+    def recognizes(self, path: Path) -> bool:
+        return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+    def read(self, path: Path) -> AdapterFiles:
+        folder = open_folder(path)
+        if folder.is_bin:
+            from adapterkit.adapter.model import dtype_name, tensors_to_bytes  # a .bin needs torch to read at all
+
+            tensors = load_bin(folder.weights_path)
+            shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}
+            weights = tensors_to_bytes(tensors)
+            chunks: Callable[[], Iterable[bytes]] = partial(iter, [weights])
+            size, st_metadata = len(weights), {}
+        else:
+            assert folder.header is not None
+            header = folder.header
+            shapes = {name: (t.dtype, t.shape) for name, t in header.tensors.items()}
+            chunks = partial(iter_canonical_bytes, folder.weights_path, header)
+            size = canonical_size(header)
+            st_metadata = header.metadata
+        modules, extras, _ = folder.describe(shapes)
+        try:
+            readme = folder.readme.read_bytes() if folder.readme else None
+        except OSError as exc:
+            raise AdapterFormatError(f"{folder.readme}: cannot read ({exc.strerror or exc})") from None
+        return AdapterFiles(
+            config=folder.config,
+            modules=modules,
+            extra_tensors=extras,
+            weights=chunks,
+            weights_size=size,
+            safetensors_metadata=st_metadata,
+            files={README_NAME: readme} if readme is not None else {},
+            source=str(folder.path / CONFIG_NAME),
+        )
+
+    options: ClassVar[dict[str, Param]] = {
+        "pad_rank": Param(
+            int,
+            None,
+            "Zero-pad every module to this rank and fold the scalings into one r/lora_alpha "
+            "(for PEFT hotswapping and vLLM; at most 512, vLLM's largest max_lora_rank).",
+            _pad_rank_check,
+        ),
+    }
+
+    def load(self, path: Path) -> Adapter:
+        return read_adapter(path)
+
+    def write(self, adapter: Adapter, dest: Path, **options: Any) -> ExportResult:
+        """Write a PEFT folder (padded with ``pad_rank``), then re-read it and certify every module's delta."""
+        from adapterkit.adapter.equivalence import compare_adapters
+
+        opts = self.check_options(options)
+        written = adapter
+        if opts["pad_rank"] is not None:
+            from adapterkit.adapter.transforms import pad_rank
+
+            written = pad_rank(adapter, opts["pad_rank"])
+        folder = write_adapter(written, dest)
+        certificate = compare_adapters(adapter, read_adapter(folder), "peft: re-read, scalings as PEFT resolves them")
+        details: dict[str, Any] = {"format": self.name, "certificate": certificate.to_json()}
+        if opts["pad_rank"] is not None:
+            details.update(pad_rank=opts["pad_rank"], r=written.config["r"], lora_alpha=written.config["lora_alpha"])
+        return ExportResult(path=folder, files=[folder / CONFIG_NAME, folder / WEIGHTS_NAME], details=details)

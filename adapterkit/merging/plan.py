@@ -1,6 +1,6 @@
 """What a merge will do, decided and checked before a byte is written (no torch maths here).
 
-:func:`plan_merge` reads the base's safetensors headers, resolves every adapter module to the base
+:func:`build_plan` reads the base's safetensors headers, resolves every adapter module to the base
 tensor it changes (the common ``transformers`` layouts, tied embeddings, ``fan_in_fan_out``),
 and refuses, naming the module and the base, anything that cannot be merged: a fingerprint
 mismatch, a target the base lacks, a shape or dtype that does not fit, an adapter whose change is
@@ -9,7 +9,6 @@ not ``s * B @ A``. :mod:`adapterkit.merging.streamed` then writes what the plan 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,23 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
+from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, parse_dtype, torch_dtype
 from adapterkit.adapter.model import check_weights
-from adapterkit.base_model import (
-    INDEX_NAME,
-    fingerprint,
-    read_base_config,
-    read_base_headers,
-    resolve_target,
-    tied_embedding,
-)
+from adapterkit.base_model import INDEX_NAME, BaseModel, open_base, resolve_target
 from adapterkit.errors import (
     BaseModelError,
     IncompatibleAdaptersError,
-    InvalidInputError,
     UnsupportedAdapterError,
 )
+from adapterkit.files.safetensors import Header, TensorInfo
 from adapterkit.files.sequential import pread_exact
-from adapterkit.formats.safetensors_io import DTYPE_SIZES, Header, TensorInfo
 
 if TYPE_CHECKING:
     import torch
@@ -41,37 +33,13 @@ if TYPE_CHECKING:
     from adapterkit.adapter.model import Adapter, LoraModule
 
 __all__ = [
-    "CONFIG_DTYPE_NAMES",
     "CONFIG_NAME",
-    "FLOAT_DTYPES",
     "Contribution",
     "MergePlan",
-    "parse_dtype",
-    "plan_merge",
-    "torch_dtype",
+    "build_plan",
 ]
 
 CONFIG_NAME = "config.json"
-#: Floating dtypes a LoRA delta can be added to (and ``dtype=`` may convert between).
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-_DTYPE_ALIASES = {
-    "float32": "F32",
-    "fp32": "F32",
-    "f32": "F32",
-    "float": "F32",
-    "float16": "F16",
-    "fp16": "F16",
-    "f16": "F16",
-    "half": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float64": "F64",
-    "fp64": "F64",
-    "f64": "F64",
-    "double": "F64",
-}
-#: The names transformers writes into config.json's ``torch_dtype`` / ``dtype``.
-CONFIG_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: Files in a model folder that hold weights in some other format: copying them would ship unmerged weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 #: tensor name -> (dtype, shape), as :func:`~adapterkit.base_model.fingerprint` lists a base's tensors.
@@ -101,6 +69,8 @@ class MergePlan:
     dtype: str | None
     base_structure_digest: str
     index: dict[str, Any] | None
+    #: The base's config.json (None when it has none, or when it is copied unread).
+    config: dict[str, Any] | None
     copy_files: list[Path]
     skipped_files: list[str]
     warnings: list[str] = field(default_factory=list)
@@ -120,23 +90,6 @@ class MergePlan:
 
 
 # --- checks and planning -----------------------------------------------------------------------------------------
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """The safetensors code for ``dtype`` (``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``...); None keeps the base's."""
-    if dtype is None:
-        return None
-    text = str(dtype).removeprefix("torch.")
-    if text.lower() == "auto":
-        return None
-    if text.upper() in FLOAT_DTYPES:
-        return text.upper()
-    code = _DTYPE_ALIASES.get(text.lower())
-    if code is None:
-        raise InvalidInputError(
-            f"dtype {text!r} is not one a merged model can be written in; use float32, float16 or bfloat16"
-        )
-    return code
 
 
 def _label(adapter: Adapter, index: int) -> str:
@@ -290,10 +243,10 @@ def _other_files(base_dir: Path, shards: Sequence[Path]) -> tuple[list[Path], li
     return copy, skipped
 
 
-def plan_merge(
+def build_plan(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None,
-    base_dir: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | BaseModel,
     *,
     dtype: str | torch.dtype | None = None,
     force: bool = False,
@@ -302,54 +255,40 @@ def plan_merge(
 
     Raises the same errors :func:`merge` raises before writing: a missing or corrupt shard, a base
     that does not fit (fingerprint, missing target, shape, quantized weight), unsupported adapters.
+    ``base_dir`` may be a :class:`BaseModel` already opened; the folder is read once either way.
     """
-    base = Path(base_dir)
     values = check_weights(adapters, weights, "merge")
     code = parse_dtype(dtype)
-    headers = read_base_headers(base)
-    fp = fingerprint(base)
-    _check_adapters(adapters, fp.structure_digest, base, force)
-    try:
-        config = read_base_config(base)
-    except BaseModelError:
-        if code is not None:
-            raise  # its dtype must be rewritten
-        config = None  # copied as it is; only the tie default is lost
-    tied = tied_embedding(fp.tensors, config)
-    targets, warnings = _build_targets(adapters, values, fp.tensors, tied, base)
-    owner = {name: (path, header) for path, header in headers.items() for name in header.tensors}
+    model = open_base(base_dir)
+    base = model.path
+    _check_adapters(adapters, model.structure_digest, base, force)
+    # An unreadable config.json is copied as it is (only the tie default is lost), unless its dtype must change.
+    config = model.require_config() if code is not None else model.config
+    targets, warnings = _build_targets(adapters, values, model.tensors, model.tied, base)
 
     def read(name: str) -> torch.Tensor:
-        path, header = owner[name]
+        path, header = model.shard_of(name)
         try:
             with path.open("rb") as fh:
                 return _read_tensor(fh.fileno(), header, header.tensors[name], path)
         except (EOFError, OSError) as exc:
             raise BaseModelError(str(exc)) from None
 
-    _check_extra_tensors(adapters, fp.tensors, tied, read)
-    index = None
-    if (base / INDEX_NAME).is_file():  # read_base_headers took the shards from it, so it is valid JSON
-        index = json.loads((base / INDEX_NAME).read_text(encoding="utf-8"))
-    copy, skipped = _other_files(base, list(headers))
+    _check_extra_tensors(adapters, model.tensors, model.tied, read)
+    copy, skipped = _other_files(base, list(model.headers))
     return MergePlan(
         base_dir=base,
         weights=values,
-        shards=headers,
+        shards=model.headers,
         targets=targets,
         dtype=code,
-        base_structure_digest=fp.structure_digest,
-        index=index,
+        base_structure_digest=model.structure_digest,
+        index=model.index,
+        config=config,
         copy_files=copy,
         skipped_files=skipped,
         warnings=warnings,
     )
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    import torch
-
-    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[code]
 
 
 def _read_tensor(fd: int, header: Header, info: TensorInfo, path: Path) -> torch.Tensor:

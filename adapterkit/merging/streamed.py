@@ -40,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.base_model import INDEX_NAME, fingerprint, read_base_config
+from adapterkit.adapter.dtypes import CONFIG_DTYPE_NAMES
+from adapterkit.base_model import INDEX_NAME, fingerprint
 from adapterkit.errors import InvalidInputError, MergeError
-from adapterkit.merging.plan import CONFIG_DTYPE_NAMES, CONFIG_NAME, Contribution, MergePlan, parse_dtype, plan_merge
+from adapterkit.files.fsutil import fsync_dir, fsync_file
+from adapterkit.merging.plan import CONFIG_NAME, Contribution, MergePlan, build_plan
 from adapterkit.merging.shard_writer import LowRankUpdate, MergeProgress, apply_updates, low_rank_updates, write_shards
 
 if TYPE_CHECKING:
@@ -60,8 +62,6 @@ __all__ = [
     "apply_updates",
     "low_rank_updates",
     "merge",
-    "parse_dtype",
-    "plan_merge",
 ]
 
 
@@ -125,7 +125,7 @@ def _copy_files(plan: MergePlan, tmp: Path) -> list[str]:
     for path in plan.copy_files:
         target = tmp / path.name
         if path.name == CONFIG_NAME and plan.dtype is not None:
-            config = read_base_config(plan.base_dir) or {}
+            config = dict(plan.config or {})
             name = CONFIG_DTYPE_NAMES[plan.dtype]
             keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
             for key in keys:
@@ -135,27 +135,6 @@ def _copy_files(plan: MergePlan, tmp: Path) -> list[str]:
             shutil.copyfile(path, target)
         copied.append(path.name)
     return copied
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the files themselves are synced
-    finally:
-        os.close(fd)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -200,7 +179,7 @@ def merge(
     if out.exists() or out.is_symlink():
         raise InvalidInputError(f"{out}: already exists; merge writes a new folder")
     chosen = _device(device)
-    plan = plan_merge(adapters, weights, base_dir, dtype=dtype, force=force)
+    plan = build_plan(adapters, weights, base_dir, dtype=dtype, force=force)
     tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:12]}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +192,8 @@ def merge(
             _write_index(plan, tmp)
         copied = _copy_files(plan, tmp)
         for name in [INDEX_NAME] * (plan.index is not None) + copied:
-            _fsync_file(tmp / name)  # the shards were synced as they were closed
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)  # the shards were synced as they were closed
+        fsync_dir(tmp)
         if out.exists() or out.is_symlink():
             raise InvalidInputError(f"{out}: appeared while merging; the merge was not published")
         os.rename(tmp, out)
@@ -225,7 +204,7 @@ def merge(
         if isinstance(exc, OSError):
             raise MergeError(f"{out}: writing the merged model failed ({exc.strerror or exc})") from None
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return MergeReport(
         out_dir=out,
         base_dir=plan.base_dir,

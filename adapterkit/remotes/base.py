@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from adapterkit.store import Store
+    from adapterkit.store import AdapterStore
 
 __all__ = ["Progress", "Remote", "TransferResult"]
 
@@ -41,7 +41,7 @@ class Remote(Protocol):
     url: str
 
     def push(
-        self, store: Store, digest: str, name: str, tag: str, *, progress: Progress | None = None
+        self, store: AdapterStore, digest: str, name: str, tag: str, *, progress: Progress | None = None
     ) -> TransferResult:
         """Publish the stored adapter ``digest`` on the remote as ``name:tag``.
 
@@ -52,7 +52,9 @@ class Remote(Protocol):
         """
         ...
 
-    def pull(self, store: Store, source: str, tag: str | None, *, progress: Progress | None = None) -> TransferResult:
+    def pull(
+        self, store: AdapterStore, source: str, tag: str | None, *, progress: Progress | None = None
+    ) -> TransferResult:
         """Fetch the adapter ``source`` names on this remote into ``store``, then point ``tag`` at it.
 
         ``source`` is the remote-specific rest of the URL (``NAME[:TAG]``, ``NAME@sha256:...``,

@@ -8,11 +8,10 @@ write and every read.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapterkit.adapter.config import ModuleSpec, carried_features
 from adapterkit.errors import AdapterFormatError, IntegrityError, SchemaValidationError
 from adapterkit.schema import ADAPTER_SCHEMA, MANIFEST_SCHEMA, validate
 
@@ -21,7 +20,6 @@ __all__ = [
     "LAYER_MEDIA_TYPES",
     "Layer",
     "build_manifest",
-    "build_metadata",
     "canonical_json",
     "parse_manifest",
     "parse_metadata",
@@ -36,7 +34,6 @@ LAYER_MEDIA_TYPES = {
     "adapter_model.safetensors": "application/vnd.adapterkit.safetensors",
     "README.md": "text/markdown",
 }
-FORMAT_VERSION = 1
 
 
 def canonical_json(document: Any, *, source: str = "document") -> bytes:
@@ -59,46 +56,6 @@ class Layer:
     @property
     def media_type(self) -> str:
         return LAYER_MEDIA_TYPES.get(self.title, "application/octet-stream")
-
-
-def build_metadata(
-    *,
-    peft_config: Mapping[str, Any],
-    modules: Sequence[ModuleSpec],
-    extra_tensors: Sequence[str],
-    safetensors_metadata: Mapping[str, str],
-    base_model: Mapping[str, Any] | None,
-    lineage: Mapping[str, Any] | None = None,
-    source: str = "metadata",
-) -> dict[str, Any]:
-    """The metadata document for an adapter, validated against ``adapter.schema.json``."""
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "peft_type": "LORA",
-        "r": peft_config.get("r", 8),
-        "lora_alpha": peft_config.get("lora_alpha", 8),
-        "use_rslora": bool(peft_config.get("use_rslora", False)),
-        "target_modules": _target_modules(peft_config.get("target_modules")),
-        "rank_pattern": dict(peft_config.get("rank_pattern") or {}),
-        "alpha_pattern": dict(peft_config.get("alpha_pattern") or {}),
-        "task_type": peft_config.get("task_type"),
-        "modules": [module.to_json() for module in modules],
-        "num_parameters": sum(module.num_parameters for module in modules),
-        "extra_tensors": list(extra_tensors),
-        "carried": carried_features(peft_config),
-        "base_model": dict(base_model) if base_model is not None else None,
-        "lineage": dict(lineage) if lineage is not None else None,
-        "peft_config": dict(peft_config),
-        "safetensors_metadata": {k: v for k, v in safetensors_metadata.items() if (k, v) != ("format", "pt")},
-    }
-    validate(metadata, ADAPTER_SCHEMA, source)
-    return metadata
-
-
-def _target_modules(value: Any) -> Any:
-    if isinstance(value, list | tuple | set):
-        return sorted(str(v) for v in value) if isinstance(value, set) else [str(v) for v in value]
-    return value if isinstance(value, str) or value is None else str(value)
 
 
 def build_manifest(config: Layer, layers: Sequence[Layer]) -> dict[str, Any]:

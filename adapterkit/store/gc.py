@@ -18,15 +18,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapterkit.errors import AdapterkitError, StoreError
 from adapterkit.files.fsutil import remove_quietly
 from adapterkit.store.documents import parse_manifest
+from adapterkit.store.layout import StoreLayout
 from adapterkit.store.locks import gc_lock
-
-if TYPE_CHECKING:
-    from adapterkit.store.store import Store
 
 __all__ = ["GcReport", "collect", "parse_duration"]
 
@@ -67,7 +65,7 @@ class GcReport:
         }
 
 
-def collect(store: Store, *, grace: float, dry_run: bool) -> GcReport:
+def collect(store: StoreLayout, *, grace: float, dry_run: bool) -> GcReport:
     """Mark from refs and recent reflog entries, then sweep manifests, blobs and temp files."""
     report = GcReport(dry_run=dry_run)
     if not store.initialised():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from adapterkit.errors import InvalidReferenceError
 
-__all__ = ["DEFAULT_TAG", "DIGEST_RE", "Ref", "format_digest", "parse_ref", "parse_tag_ref"]
+__all__ = ["DEFAULT_TAG", "DIGEST_RE", "Ref", "format_digest", "is_digest", "parse_ref", "parse_tag_ref"]
 
 DEFAULT_TAG = "latest"
 MAX_REF_LENGTH = 255
@@ -22,6 +22,13 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def is_digest(text: str) -> bool:
+    """Whether ``text`` is a whole digest, ``sha256:`` and 64 lower-case hex digits."""
+    return DIGEST_RE.fullmatch(text) is not None
+
+
 _PREFIX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{4,64})")
 
 

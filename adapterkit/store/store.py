@@ -1,79 +1,53 @@
-"""The local store: adapters as content-addressed blobs, manifests and ``name:tag`` refs.
-
-Layout (documented in docs/store-format.md)::
-
-    <root>/store.json                       {"format": "adapterkit-store", "version": 1}
-    <root>/blobs/sha256/<2>/<62>            files of adapters and their metadata, read-only
-    <root>/manifests/sha256/<2>/<62>        one manifest per adapter; its sha256 is the adapter's digest
-    <root>/refs/<name>/_tags/<tag>          "sha256:<hex>\\n"
-    <root>/logs/<name>/_tags/<tag>          reflog: "<old> <new> <unix time> <message>" per line
-    <root>/locks/gc.lock gc.turnstile       the store-wide lock (writers shared, gc exclusive) and its queue
-    <root>/locks/refs/<hash>.lock           one per ref, for compare-and-swap
-    <root>/tmp/                             temp files, named "<pid>-<uuid>.<kind>"; gc removes stale ones
-    <root>/corrupt/ state/                  objects verify moved aside; verify's hash cache
+"""The adapter store: adapters as content-addressed blobs, manifests and ``name:tag`` refs.
 
 Writes go blobs, then metadata, then manifest, then reflog line, then ref, each published
 atomically, all under the gc lock held shared, so a reader or a crash never sees a ref to
 something incomplete, and a killed writer leaves at most temp files and unreferenced objects.
-This module never imports torch; only ``get`` (which returns tensors) and ``.bin`` imports do.
-
-Nothing is created until the first write: reading, ``verify`` or ``gc`` on a path that holds no
-store leave it untouched, so pointing ``--store`` at the wrong directory cannot litter it.
+This package never imports torch, PEFT or adapterkit's formats: it keeps bytes, documents and refs.
+What an adapter *is* (reading a format, checking tensors, loading them) is the business of
+:class:`adapterkit.Store`, which builds on :class:`AdapterStore`. The layout on disk is
+:mod:`adapterkit.store.layout`'s.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.adapter.config import ModuleSpec, describe_modules, validate_lora_config
-from adapterkit.base_model import fingerprint, read_base_config, resolve_target, tied_embedding
 from adapterkit.errors import (
-    AdapterFormatError,
     AdapterkitError,
     AmbiguousReferenceError,
-    BaseModelError,
+    IntegrityError,
     InvalidInputError,
     InvalidReferenceError,
     ReferenceNotFoundError,
     StoreError,
+    SyncError,
 )
-from adapterkit.files.fsutil import replace_atomic
-from adapterkit.formats.peft import CONFIG_NAME, README_NAME, WEIGHTS_NAME, AdapterFolder, config_bytes, open_folder
-from adapterkit.formats.safetensors_io import iter_canonical_bytes
-from adapterkit.store.documents import Layer, build_manifest, build_metadata, canonical_json, parse_manifest
+from adapterkit.files.hashing import verified_chunks
+from adapterkit.store.documents import Layer, build_manifest, canonical_json, parse_manifest
 from adapterkit.store.documents import parse_metadata as _parse_metadata
-from adapterkit.store.locks import gc_lock
-from adapterkit.store.names import Ref, digest_prefix, parse_ref, parse_tag_ref
-from adapterkit.store.objects import ObjectDir
-from adapterkit.store.refs import ANY, RefStore
-from adapterkit.store.validated import ValidatedDigests
+from adapterkit.store.layout import StoreLayout
+from adapterkit.store.names import digest_prefix, parse_ref, parse_tag_ref
+from adapterkit.store.refs import ANY
 
 if TYPE_CHECKING:
-    from adapterkit.adapter.model import Adapter
     from adapterkit.store.gc import GcReport
     from adapterkit.store.verify import VerifyReport
 
-__all__ = ["STORE_FORMAT_VERSION", "AddResult", "Store", "default_store_path"]
+__all__ = ["CONFIG_NAME", "README_NAME", "WEIGHTS_NAME", "AdapterStore", "AddResult", "Received"]
 
-STORE_FORMAT_VERSION = 1
-#: What a first writer killed before ``store.json`` appeared can leave behind (see ``writing``).
-_BOOTSTRAP_ENTRIES = frozenset({"locks", "tmp"})
+#: The files of a stored adapter, named as in a PEFT folder (a PEFT folder is how the store lays an adapter out).
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+README_NAME = "README.md"
 Progress = Callable[[int], None]
-
-
-def default_store_path() -> Path:
-    """``$ADAPTERKIT_HOME``, else ``~/.adapterkit``."""
-    env = os.environ.get("ADAPTERKIT_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".adapterkit"
 
 
 @dataclass(frozen=True)
@@ -85,175 +59,44 @@ class AddResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Store:
-    """A content-addressed adapter store rooted at ``path``."""
+@dataclass(frozen=True)
+class Received:
+    """What :meth:`AdapterStore.receive` did: the adapter's digest and the bytes written or already held."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, lock_timeout: float = 60.0) -> None:
-        self.root = Path(path).expanduser() if path is not None else default_store_path()
-        self.tmp = self.root / "tmp"
-        self.blobs = ObjectDir(self.root / "blobs" / "sha256", self.tmp)
-        self.manifests = ObjectDir(self.root / "manifests" / "sha256", self.tmp)
-        self.refs = RefStore(self.root, self.tmp, lock_timeout)
-        self._validated = ValidatedDigests(self.root)
-        self.lock_timeout = lock_timeout
-        self._checked_format = False
+    digest: str
+    received_bytes: int
+    skipped_bytes: int
 
-    def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
 
-    # -- layout -------------------------------------------------------------------------------
+class AdapterStore(StoreLayout):
+    """A content-addressed adapter store rooted at ``path``: blobs, manifests, refs, gc and verify.
 
-    def initialised(self) -> bool:
-        """Whether a store was ever written here (``store.json`` exists)."""
-        self._check_format()
-        return (self.root / "store.json").is_file()
-
-    def _check_format(self) -> None:
-        """Refuse a store of another format version, or a directory that is not a store at all."""
-        if self._checked_format:
-            return
-        marker = self.root / "store.json"
-        try:
-            doc = json.loads(marker.read_text("utf-8"))
-            version = doc["version"]
-        except FileNotFoundError:
-            version = None
-        except (ValueError, KeyError, TypeError, RecursionError):
-            raise StoreError(f"{marker}: unreadable store marker; is {self.root} an adapterkit store?") from None
-        except OSError as exc:
-            raise StoreError(f"{marker}: cannot read ({exc.strerror or exc})") from None
-        if version is not None and version != STORE_FORMAT_VERSION:
-            raise StoreError(
-                f"{self.root}: store format version {version}; this adapterkit reads version {STORE_FORMAT_VERSION}"
-            )
-        if version is None:
-            try:
-                foreign = self.root.exists() and any(p.name not in _BOOTSTRAP_ENTRIES for p in self.root.iterdir())
-            except OSError as exc:
-                raise StoreError(f"{self.root}: cannot be used as a store ({exc.strerror or exc})") from None
-            if foreign and marker.is_file():
-                return self._check_format()  # a concurrent first writer created the store meanwhile
-            if foreign:
-                raise StoreError(f"{self.root}: exists, is not empty and is not an adapterkit store (no store.json)")
-        self._checked_format = version is not None
-
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        """The writer lock: hold it while publishing objects and refs (remotes that pull do).
-
-        Writers hold the gc lock shared, so gc (exclusive) never sweeps what a writer is publishing.
-
-        A new store gets its ``store.json`` under that lock: before it, a concurrent gc could sweep
-        the marker's temp file; and a first writer killed half-way leaves only ``locks/`` and
-        ``tmp/``, which ``_check_format`` still accepts as an empty store.
-        """
-        self._check_format()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with gc_lock(self.root / "locks", exclusive=False, timeout=self.lock_timeout):
-                marker = self.root / "store.json"
-                if not marker.exists():
-                    document = {"format": "adapterkit-store", "version": STORE_FORMAT_VERSION}
-                    replace_atomic(marker, canonical_json(document) + b"\n", self.tmp)
-                    self._checked_format = True
-                yield
-        except OSError as exc:
-            raise StoreError(f"cannot write to store {self.root}: {exc.strerror or exc}") from None
+    It stores what it is given as bytes (metadata document, PEFT config, canonical weights,
+    README) and knows nothing of tensors; :class:`adapterkit.Store` adds reading and writing
+    adapters through the formats.
+    """
 
     # -- writing --------------------------------------------------------------------------------
 
-    def add(
-        self,
-        path: str | os.PathLike[str],
-        tag: str | None = None,
-        *,
-        base: str | os.PathLike[str] | None = None,
-        progress: Progress | None = None,
-    ) -> AddResult:
-        """Import the PEFT adapter folder at ``path`` and point ``tag`` (``name[:tag]``) at it.
-
-        With ``base``, the base model's fingerprint is recorded and every module is checked
-        against the base's tensors. Re-adding an adapter writes nothing new and returns the
-        same digest.
-        """
-        target = parse_tag_ref(tag) if tag is not None else None
-        folder = open_folder(path)
-        if folder.is_bin:
-            weights_chunks, shapes, st_metadata = _bin_weights(folder)
-        else:
-            assert folder.header is not None
-            shapes = {name: (t.dtype, t.shape) for name, t in folder.header.tensors.items()}
-            weights_chunks = iter_canonical_bytes(folder.weights_path, folder.header)
-            st_metadata = folder.header.metadata
-        modules, extras, _ = folder.describe(shapes)
-        base_model = _base_model_entry(folder.config, modules, base)
-        metadata = build_metadata(
-            peft_config=folder.config,
-            modules=modules,
-            extra_tensors=extras,
-            safetensors_metadata=st_metadata,
-            base_model=base_model,
-            source=str(folder.path / CONFIG_NAME),
-        )
-        # Serialised before anything is written: a document JSON cannot hold (NaN, Infinity) is refused up front.
-        metadata_bytes = canonical_json(metadata, source=str(folder.path / CONFIG_NAME))
-        peft_config = config_bytes(folder.config)
-        try:
-            readme = folder.readme.read_bytes() if folder.readme else None
-        except OSError as exc:
-            raise AdapterFormatError(f"{folder.readme}: cannot read ({exc.strerror or exc})") from None
-        return self._publish(
-            metadata_bytes, peft_config, weights_chunks, readme, target, f"add {folder.path}", progress=progress
-        )
-
-    def put(self, adapter: Adapter, tag: str | None = None, *, message: str = "put") -> AddResult:
-        """Store an in-memory adapter (a blend from ``compose``, or one loaded and edited).
-
-        Its ``metadata`` may carry ``base_model`` and ``lineage``; they become part of the digest.
-        The config is re-resolved against the tensors first, so what is stored is exactly what
-        PEFT will load: a config that would give a module another scaling is refused.
-        """
-        from adapterkit.adapter.model import dtype_name
-        from adapterkit.formats.peft import tensors_to_bytes
-
-        target = parse_tag_ref(tag) if tag is not None else None
-        tensors = adapter.state_dict()
-        shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}
-        validate_lora_config(adapter.config, "adapter config")
-        modules, extras, _ = describe_modules(adapter.config, shapes, "adapter")
-        for spec in modules:
-            own = adapter.modules[spec.name].spec.scaling
-            if not math.isclose(spec.scaling, own, rel_tol=1e-12):
-                raise AdapterFormatError(
-                    f"adapter config gives module {spec.name!r} scaling {spec.scaling:g}, but the module has {own:g}"
-                )
-        given = adapter.metadata or {}
-        metadata = build_metadata(
-            peft_config=adapter.config,
-            modules=modules,
-            extra_tensors=extras,
-            safetensors_metadata=given.get("safetensors_metadata") or {},
-            base_model=given.get("base_model"),
-            lineage=given.get("lineage"),
-            source="adapter metadata",
-        )
-        metadata_bytes = canonical_json(metadata, source="adapter metadata")
-        peft_config = config_bytes(adapter.config)
-        weights = tensors_to_bytes(tensors)
-        return self._publish(metadata_bytes, peft_config, [weights], None, target, message)
-
-    def _publish(
+    def publish(
         self,
         metadata_bytes: bytes,
         peft_config_bytes: bytes,
-        weights_chunks: Any,
+        weights_chunks: Iterable[bytes],
         readme: bytes | None,
-        target: Ref | None,
+        tag: str | None,
         message: str,
         *,
         progress: Progress | None = None,
     ) -> AddResult:
-        """Under the writer lock: publish the adapter's objects, then point ``target`` at it."""
+        """Under the writer lock: publish an adapter's objects, then point ``tag`` (``name[:tag]``) at it.
+
+        The metadata document is validated against the schema first; ``weights_chunks`` are the
+        canonical safetensors bytes, hashed as they are written. The caller (``Store.add``/``put``)
+        has built and checked them.
+        """
+        target = parse_tag_ref(tag) if tag is not None else None
+        _parse_metadata(metadata_bytes, "adapter metadata")
         with self.writing():
             digest, new_bytes = self._commit(metadata_bytes, peft_config_bytes, weights_chunks, readme, progress)
             if target is not None:
@@ -266,7 +109,7 @@ class Store:
         self,
         metadata_bytes: bytes,
         peft_config_bytes: bytes,
-        weights_chunks: Any,
+        weights_chunks: Iterable[bytes],
         readme: bytes | None,
         progress: Progress | None = None,
     ) -> tuple[str, int]:
@@ -286,6 +129,74 @@ class Store:
         manifest = self.manifests.put_bytes(canonical_json(build_manifest(Layer("", meta.digest, meta.size), layers)))
         new_bytes += manifest.size if manifest.created else 0
         return manifest.digest, new_bytes
+
+    def receive(
+        self,
+        manifest: bytes,
+        fetch: Callable[[Layer], Iterable[bytes]],
+        tag: str,
+        message: str,
+        *,
+        where: str = "remote",
+    ) -> Received:
+        """The pull transaction: store the adapter ``manifest`` describes, then point ``tag`` at it.
+
+        ``fetch(layer)`` yields the bytes of one blob the store lacks (a remote's download, a
+        downloaded temp file); each is hashed as it is written and refused unless it matches the
+        manifest, so nothing damaged ever gets a name. Under the writer lock, blobs go first, then
+        the metadata is checked against the schema, then the manifest, then the ref: a pull that
+        fails half-way leaves at most complete, unreferenced blobs, which a re-run reuses and
+        ``gc`` otherwise collects. ``where`` names the source in messages.
+        """
+        target = parse_tag_ref(tag)
+        digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        try:
+            config, layers = parse_manifest(manifest, f"manifest {digest} from {where}")
+        except IntegrityError as exc:
+            raise SyncError(str(exc)) from None
+        received = skipped = 0
+        with self.writing():
+            for layer in _unique((config, *layers)):
+                if self.has_blob(layer.digest, layer.size):
+                    skipped += layer.size
+                    continue
+                chunks = verified_chunks(fetch(layer), layer.digest, layer.size, _mismatch(layer, where))
+                self.blobs.put(chunks)
+                received += layer.size
+            try:
+                _parse_metadata(self.blobs.read(config.digest, config.size), f"metadata of {digest} from {where}")
+            except IntegrityError as exc:
+                raise SyncError(str(exc)) from None
+            if self.manifests.put_bytes(manifest).created:
+                received += len(manifest)
+            else:
+                skipped += len(manifest)
+            self._set_ref(target.name, target.tag, digest, message)
+        return Received(digest, received, skipped)
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        """Whether the store holds the blob ``digest`` (at ``size`` bytes, when given)."""
+        try:
+            found = self.blobs.path(digest).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return size is None or found == size
+
+    def read_blob(self, digest: str, size: int | None = None, *, what: str = "blob") -> bytes:
+        """The blob ``digest`` (of ``size`` bytes, when given), checked against its digest; ``what`` names it."""
+        return self.blobs.read(digest, size, what=what)
+
+    def manifest_bytes(self, digest: str) -> bytes:
+        """The manifest of the adapter ``digest``, checked against its digest."""
+        return self.manifests.read(digest, what=f"manifest {digest}")
+
+    def manifest_path(self, digest: str) -> Path:
+        """Where the manifest ``digest`` lives (read-only)."""
+        return self.manifests.path(digest)
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob ``digest`` lives (read-only; it may be missing: check with :meth:`has_blob`)."""
+        return self.blobs.path(digest)
 
     def _set_ref(self, name: str, tag: str, digest: str, message: str) -> None:
         self.refs.update(name, tag, digest, expected=ANY, message=message)
@@ -425,25 +336,14 @@ class Store:
                 out.append({"digest": digest, "refs": refs, "error": str(exc)})
         return sorted(out, key=lambda item: item["refs"])
 
-    def get(self, ref: str) -> Adapter:
-        """Load the adapter ``ref`` names into memory (every byte checked against its digest)."""
-        from safetensors.torch import load as load_safetensors
+    def weights(self, digest: str) -> bytes:
+        """The canonical safetensors bytes of the adapter ``digest``, checked against their digest."""
+        _, layers = self.manifest(digest)
+        weights = next(layer for layer in layers if layer.title == WEIGHTS_NAME)
+        return self.blobs.read(weights.digest, weights.size, what=f"weights of {digest}")
 
-        from adapterkit.adapter.model import Adapter
-
-        digest = self.resolve(ref)
-        config, layers = self.manifest(digest)
-        files = {layer.title: layer for layer in layers}
-        meta = self._metadata_blob(digest, config)
-        weights = files[WEIGHTS_NAME]
-        tensors = load_safetensors(self.blobs.read(weights.digest, weights.size, what=f"weights of {digest}"))
-        adapter = Adapter.from_state_dict(meta["peft_config"], tensors, f"weights of {digest}")
-        adapter.metadata = meta
-        adapter.digest = digest
-        return adapter
-
-    def export(self, ref: str, dest: str | os.PathLike[str], *, progress: Progress | None = None) -> Path:
-        """Write the adapter as a PEFT folder at ``dest``, byte-identical to its stored blobs."""
+    def export_files(self, ref: str, dest: str | os.PathLike[str], *, progress: Progress | None = None) -> Path:
+        """Write the adapter's stored files (a PEFT folder) at ``dest``, byte-identical to its blobs."""
         digest = self.resolve(ref)
         _, layers = self.manifest(digest)
         out = Path(dest)
@@ -493,58 +393,39 @@ class Store:
 
 
 def _copy_verified(source: Path, target: Path, layer: Layer, progress: Progress | None) -> None:
-    import hashlib
+    def corrupt(_size: int, _digest: str) -> Exception:
+        return IntegrityError(f"blob {layer.digest} ({layer.title}) is corrupt (run `adapterkit verify`)")
 
-    hasher = hashlib.sha256()
-    size = 0
     try:
         with source.open("rb") as src, target.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                hasher.update(chunk)
+            for chunk in verified_chunks(_file_chunks(src), layer.digest, layer.size, corrupt, progress):
                 dst.write(chunk)
-                size += len(chunk)
-                if progress:
-                    progress(len(chunk))
     except FileNotFoundError:
         raise ReferenceNotFoundError(f"blob {layer.digest} ({layer.title}) is missing from the store") from None
-    if size != layer.size or "sha256:" + hasher.hexdigest() != layer.digest:
-        from adapterkit.errors import IntegrityError
-
-        raise IntegrityError(f"blob {layer.digest} ({layer.title}) is corrupt (run `adapterkit verify`)")
 
 
-def _bin_weights(folder: AdapterFolder) -> tuple[list[bytes], dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    from adapterkit.adapter.model import dtype_name
-    from adapterkit.formats.peft import load_bin, tensors_to_bytes
-
-    tensors = load_bin(folder.weights_path)
-    shapes = {key: (dtype_name(t, key), tuple(t.shape)) for key, t in tensors.items()}
-    return [tensors_to_bytes(tensors)], shapes, {}
+def _file_chunks(fh: Any, size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := fh.read(size):
+        yield chunk
 
 
-def _base_model_entry(
-    config: dict[str, Any], modules: list[ModuleSpec], base: str | os.PathLike[str] | None
-) -> dict[str, Any] | None:
-    name = config.get("base_model_name_or_path")
-    revision = config.get("revision")
-    if base is None:
-        if name is None:
-            return None
-        return {"name": str(name), "revision": revision, "structure_digest": None}
-    fp = fingerprint(base)
-    tied = tied_embedding(fp.tensors, read_base_config(base))  # an lm_head tied to the embedding is not stored
-    for module in modules:
-        key, _ = resolve_target(module.name, fp.tensors, tied)
-        if key is None:
-            raise BaseModelError(f"{base}: has no weight for adapter module {module.name!r}")
-        shape = fp.tensors[key][1]
-        if shape != module.base_shape:
-            raise BaseModelError(
-                f"{base}: {key} is {list(shape)} but adapter module {module.name!r} changes a "
-                f"{list(module.base_shape)} weight"
+def _unique(layers: Iterable[Layer]) -> list[Layer]:
+    seen: dict[str, Layer] = {}
+    for layer in layers:
+        seen.setdefault(layer.digest, layer)
+    return list(seen.values())
+
+
+def _mismatch(layer: Layer, where: str) -> Callable[[int, str], Exception]:
+    def error(size: int, got: str) -> Exception:
+        if size > layer.size:
+            return SyncError(
+                f"{where}: {layer.digest} sent more than the {layer.size} bytes its manifest gives; "
+                "the remote copy is damaged, nothing was stored for it"
             )
-    return {
-        "name": str(name) if name is not None else None,
-        "revision": revision,
-        "structure_digest": fp.structure_digest,
-    }
+        return SyncError(
+            f"{where}: {layer.digest} arrived as {size} bytes hashing to {got}; the remote copy is corrupt "
+            "(or was changed in transit), nothing was stored for it"
+        )
+
+    return error

@@ -17,16 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapterkit.errors import AdapterkitError, StoreError
 from adapterkit.files.fsutil import replace_atomic
 from adapterkit.store.documents import parse_manifest, parse_metadata
+from adapterkit.store.layout import StoreLayout
 from adapterkit.store.locks import gc_lock
 from adapterkit.store.objects import ObjectDir, hash_file
-
-if TYPE_CHECKING:
-    from adapterkit.store.store import Store
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
 
@@ -71,7 +69,9 @@ def _stat_key(path: Path) -> list[int]:
     return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def verify_store(store: Store, *, full: bool = False, progress: Callable[[int], None] | None = None) -> VerifyReport:
+def verify_store(
+    store: StoreLayout, *, full: bool = False, progress: Callable[[int], None] | None = None
+) -> VerifyReport:
     """Check everything (see the module docstring); an uninitialised store is empty and fine."""
     if not store.initialised():
         return VerifyReport()  # and write nothing: a state/ dir would make it look like a foreign directory
@@ -79,7 +79,7 @@ def verify_store(store: Store, *, full: bool = False, progress: Callable[[int], 
         return _verify(store, full=full, progress=progress)
 
 
-def _verify(store: Store, *, full: bool, progress: Callable[[int], None] | None) -> VerifyReport:
+def _verify(store: StoreLayout, *, full: bool, progress: Callable[[int], None] | None) -> VerifyReport:
     checker = _Checker(store, full=full, progress=progress)
     report = checker.report
     for digest, path in store.blobs:
@@ -120,7 +120,7 @@ class _Checker:
     keeps such newcomers from being reported as missing.
     """
 
-    def __init__(self, store: Store, *, full: bool, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, store: StoreLayout, *, full: bool, progress: Callable[[int], None] | None) -> None:
         self.store = store
         self.progress = progress
         self.report = VerifyReport()

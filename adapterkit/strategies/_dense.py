@@ -16,14 +16,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from adapterkit.strategies._lowrank import dense_start, truncate_dense
-from adapterkit.strategies.base import ModuleInput, ModuleResult
+from adapterkit.strategies.base import ModuleCost, ModuleInput, ModuleResult, PlannedModule
+from adapterkit.strategies.lowrank import dense_start, sketch_width, truncate_dense
 
 __all__ = [
     "DareMask",
     "assemble",
     "blend_dense",
     "block_entries",
+    "dense_cost",
     "magnitude_thresholds",
     "row_blocks",
     "trim",
@@ -45,6 +46,36 @@ Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 def block_entries(device_type: str) -> int:
     """Entries in one block of rows on this kind of device."""
     return _BLOCK_ENTRIES.get(device_type, _DEVICE_BLOCK_ENTRIES)
+
+
+def dense_cost(planned: PlannedModule, rank: int | None, energy: float | None, *, passes: int) -> ModuleCost:
+    """The cost of blending dense deltas block by block and truncating back to rank k.
+
+    With R = sum of the parents' ranks, N parents, m x n the delta, L = min(m, n): ``passes`` x 2mnR
+    (forming the deltas; thresholded strategies select each parent's threshold in a pass of its
+    own) + 10Nmn (trimming, dropping, sign election, disjoint mean) + 2(m + n)R² + 24R³ (the exact
+    sum's directions, which start the sketch) + the truncation: an exact SVD, 4 max(m, n) L² + 22 L³,
+    with ``energy`` or when the sketch would span half of L, else a sketch of q = k + 16 columns
+    refined by subspace iterations (counted as the usual two), 12mnq + 12(m + n)q². Working set
+    mn + (m + n)L or (m + n)q, plus (N + 4) blocks of rows, in elements. With ``energy`` the rank
+    depends on the dense delta itself, so it is None (``rank_max`` bounds it).
+    """
+    ranks = planned.module.ranks
+    m, n = planned.out_features, planned.in_features
+    R, N, L = sum(ranks), len(ranks), min(m, n)
+    k = None if energy is not None else max(0, min(rank if rank is not None else max(ranks), L))
+    q = sketch_width((m, n), rank, energy, max(ranks))
+    if q is None:
+        truncation, workspace = 4 * max(m, n) * L**2 + 22 * L**3, m * n + (m + n) * L
+    else:
+        truncation, workspace = 12 * m * n * q + 12 * (m + n) * q**2, (m + n) * q
+    return ModuleCost(
+        rank=k,
+        rank_max=L,
+        flops=passes * 2 * m * n * R + 10 * N * m * n + 2 * (m + n) * R**2 + 24 * R**3 + truncation,
+        peak_bytes=(m * n + workspace + (N + 4) * min(m * n, block_entries(planned.device_type)))
+        * planned.element_size,
+    )
 
 
 def row_blocks(out_dim: int, in_dim: int, device: torch.device) -> list[slice]:

@@ -17,7 +17,20 @@ from adapterkit.params import Param, check_params, fraction, one_of, positive
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ENERGY", "RANK", "ModuleInput", "ModuleResult", "Param", "Strategy", "fraction", "one_of", "positive"]
+__all__ = [
+    "DENSITY",
+    "ENERGY",
+    "RANK",
+    "ModuleCost",
+    "ModuleInput",
+    "ModuleResult",
+    "Param",
+    "PlannedModule",
+    "Strategy",
+    "fraction",
+    "one_of",
+    "positive",
+]
 
 
 @dataclass(frozen=True)
@@ -44,9 +57,40 @@ class ModuleResult:
     truncation_error: float | None = None
 
 
+@dataclass(frozen=True)
+class PlannedModule:
+    """What a dry run knows of one module before composing it: the parents' folded factors and its size.
+
+    ``out_features`` x ``in_features`` is the delta's shape in factor layout (convolution kernels
+    folded into ``in_features``); ``element_size`` is the bytes per element of the compute dtype.
+    """
+
+    module: ModuleInput
+    out_features: int
+    in_features: int
+    element_size: int
+    device_type: str
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """A strategy's estimate for one module: output rank (None when it depends on the data), FLOPs, peak bytes."""
+
+    rank: int | None
+    rank_max: int | None
+    flops: int
+    peak_bytes: int
+    #: The relative error truncation will make, where the strategy can tell without composing.
+    truncation_error: float | None = None
+    #: False for a strategy that never truncates (its error is exactly zero, reported as None).
+    truncates: bool = True
+
+
 #: The parameters every truncating strategy takes.
 RANK = Param(int, None, "output rank (default: the parents' largest rank per module)", positive)
 ENERGY = Param(float, None, "pick each module's rank to keep this fraction of the energy", fraction)
+#: The fraction of each delta's entries that TIES, DARE and magnitude pruning keep.
+DENSITY = Param(float, 0.5, "fraction of each delta's entries kept", fraction)
 
 
 @dataclass(frozen=True)
@@ -57,6 +101,9 @@ class Strategy:
     params: Mapping[str, Param] = field(default_factory=dict)
     #: Whether the result is a function of the deltas alone (False for strategies that look at factors).
     exact: bool = False
+    #: ``estimate(planned, **params)``: what a dry run reports for one module (ranks, FLOPs, peak bytes).
+    #: None: the strategy cannot tell before it runs, and ``compose --dry-run`` says so.
+    estimate: Callable[..., ModuleCost] | None = None
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The full parameter set (defaults filled in), or ValueError naming an unknown/ill-typed one."""

@@ -9,12 +9,23 @@ the masks are a pure function of (seed, module, parent, entry) (a counter-based 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from adapterkit.strategies._dense import DareMask, blend_dense
-from adapterkit.strategies._lowrank import derive_seed, disjoint_merge, majority_sign
-from adapterkit.strategies.base import ENERGY, RANK, ModuleInput, ModuleResult, Param, Strategy, fraction
+from adapterkit.strategies._dense import DareMask, blend_dense, dense_cost
+from adapterkit.strategies.base import (
+    DENSITY,
+    ENERGY,
+    RANK,
+    ModuleCost,
+    ModuleInput,
+    ModuleResult,
+    Param,
+    PlannedModule,
+    Strategy,
+)
+from adapterkit.strategies.lowrank import derive_seed, disjoint_merge, majority_sign
 from adapterkit.strategies.ties import MAJORITY_SIGN_METHOD
 
 __all__ = ["DARE_LINEAR", "DARE_TIES", "dare_linear", "dare_ties"]
@@ -78,8 +89,12 @@ def dare_ties(
     return _dare(module, density, seed, rank, energy, ties_merge)
 
 
+def dare_cost(planned: PlannedModule, *, rank: int | None = None, energy: float | None = None, **_: Any) -> ModuleCost:
+    return dense_cost(planned, rank, energy, passes=1)
+
+
 _COMMON = {
-    "density": Param(float, 0.5, "probability of keeping each entry", fraction),
+    "density": DENSITY,
     "seed": Param(int, 0, "seed of the random masks (per module and parent)"),
     "rank": RANK,
     "energy": ENERGY,
@@ -89,6 +104,7 @@ DARE_LINEAR = Strategy(
     function=dare_linear,
     description="DARE: random drop + rescale of each delta (seeded), weighted sum, truncate to rank k.",
     params=_COMMON,
+    estimate=dare_cost,
 )
 DARE_TIES = Strategy(
     name="dare_ties",
@@ -98,4 +114,5 @@ DARE_TIES = Strategy(
         **_COMMON,
         "majority_sign_method": MAJORITY_SIGN_METHOD,
     },
+    estimate=dare_cost,
 )

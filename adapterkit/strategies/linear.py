@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from adapterkit.strategies.base import ModuleInput, ModuleResult, Strategy
+from adapterkit.strategies.base import ModuleCost, ModuleInput, ModuleResult, PlannedModule, Strategy
 
-__all__ = ["STRATEGY", "linear"]
+__all__ = ["STRATEGY", "linear", "linear_cost"]
 
 
 def linear(module: ModuleInput) -> ModuleResult:
@@ -20,9 +20,19 @@ def linear(module: ModuleInput) -> ModuleResult:
     return ModuleResult(A=A, B=B)
 
 
+def linear_cost(planned: PlannedModule) -> ModuleCost:
+    """2Rn FLOPs (folding scaling and weight into A); working set 2(m + n)R elements; output rank R = sum r_i."""
+    R = sum(planned.module.ranks)
+    m, n = planned.out_features, planned.in_features
+    return ModuleCost(
+        rank=R, rank_max=R, flops=2 * R * n, peak_bytes=2 * (m + n) * R * planned.element_size, truncates=False
+    )
+
+
 STRATEGY = Strategy(
     name="linear",
     function=linear,
     description="Exact weighted sum of the deltas (rank = sum of the parents' ranks).",
     exact=True,
+    estimate=linear_cost,
 )

@@ -6,10 +6,21 @@ factored: B A = (B M)(M⁻¹ A)), one module at a time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from adapterkit.strategies._dense import blend_dense, magnitude_thresholds, trim
-from adapterkit.strategies.base import ENERGY, RANK, ModuleInput, ModuleResult, Param, Strategy, fraction
+from adapterkit.strategies._dense import blend_dense, dense_cost, magnitude_thresholds, trim
+from adapterkit.strategies.base import (
+    DENSITY,
+    ENERGY,
+    RANK,
+    ModuleCost,
+    ModuleInput,
+    ModuleResult,
+    PlannedModule,
+    Strategy,
+)
 
 __all__ = ["STRATEGY", "magnitude_prune"]
 
@@ -30,13 +41,18 @@ def magnitude_prune(
     return blend_dense(module, combine, rank, energy)
 
 
+def prune_cost(planned: PlannedModule, *, rank: int | None = None, energy: float | None = None, **_: Any) -> ModuleCost:
+    return dense_cost(planned, rank, energy, passes=2)  # each parent's threshold takes a pass of its own
+
+
 STRATEGY = Strategy(
     name="magnitude_prune",
     function=magnitude_prune,
     description="Keep the largest-magnitude fraction of each delta, weighted sum, truncate to rank k.",
     params={
-        "density": Param(float, 0.5, "fraction of each delta's entries kept", fraction),
+        "density": DENSITY,
         "rank": RANK,
         "energy": ENERGY,
     },
+    estimate=prune_cost,
 )

@@ -8,11 +8,24 @@ its double scaling, but on dense deltas rather than on raw factors.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from adapterkit.strategies._dense import blend_dense, magnitude_thresholds, trim
-from adapterkit.strategies._lowrank import disjoint_merge, majority_sign
-from adapterkit.strategies.base import ENERGY, RANK, ModuleInput, ModuleResult, Param, Strategy, fraction, one_of
+from adapterkit.strategies._dense import blend_dense, dense_cost, magnitude_thresholds, trim
+from adapterkit.strategies.base import (
+    DENSITY,
+    ENERGY,
+    RANK,
+    ModuleCost,
+    ModuleInput,
+    ModuleResult,
+    Param,
+    PlannedModule,
+    Strategy,
+    one_of,
+)
+from adapterkit.strategies.lowrank import disjoint_merge, majority_sign
 
 __all__ = ["MAJORITY_SIGN_METHOD", "STRATEGY", "ties"]
 
@@ -38,14 +51,19 @@ def ties(
     return blend_dense(module, combine, rank, energy)
 
 
+def ties_cost(planned: PlannedModule, *, rank: int | None = None, energy: float | None = None, **_: Any) -> ModuleCost:
+    return dense_cost(planned, rank, energy, passes=2)  # trimming selects each parent's threshold first
+
+
 STRATEGY = Strategy(
     name="ties",
     function=ties,
     description="TIES: trim to the largest entries, elect signs, average the agreeing ones; truncate to rank k.",
     params={
-        "density": Param(float, 0.5, "fraction of each delta's entries kept", fraction),
+        "density": DENSITY,
         "majority_sign_method": MAJORITY_SIGN_METHOD,
         "rank": RANK,
         "energy": ENERGY,
     },
+    estimate=ties_cost,
 )

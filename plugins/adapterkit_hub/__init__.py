@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.hookspecs import hookimpl
+from adapterkit import hookimpl
 
 if TYPE_CHECKING:
     from adapterkit_hub.remote import HubRemote

@@ -42,20 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import (
+from adapterkit import (
     AdapterFormatError,
     AdapterkitError,
+    AdapterStore,
     IntegrityError,
     InvalidInputError,
     InvalidReferenceError,
+    Layer,
+    PeftFormat,
+    Progress,
     ReferenceNotFoundError,
     RemoteConflictError,
+    Store,
     SyncError,
+    TransferResult,
+    parse_manifest,
+    parse_tag_ref,
 )
-from adapterkit.formats.peft import BIN_NAME, CONFIG_NAME, README_NAME, WEIGHTS_NAME
-from adapterkit.remotes.base import Progress, TransferResult
-from adapterkit.store import Store, parse_tag_ref
-from adapterkit.store.documents import parse_manifest, parse_metadata
 from adapterkit_hub.card import model_card
 from adapterkit_hub.url import HubURL, default_local_ref, parse_hf_url
 
@@ -65,6 +69,12 @@ if TYPE_CHECKING:
 
 __all__ = ["MANIFEST_PATH", "METADATA_PATH", "HubRemote"]
 
+CONFIG_NAME, WEIGHTS_NAME, BIN_NAME, README_NAME = (
+    PeftFormat.CONFIG,
+    PeftFormat.WEIGHTS,
+    PeftFormat.BIN,
+    PeftFormat.README,
+)
 META_DIR = ".adapterkit"
 MANIFEST_PATH = f"{META_DIR}/manifest.json"
 METADATA_PATH = f"{META_DIR}/metadata.json"
@@ -240,7 +250,7 @@ class HubRemote:
     # -- push ----------------------------------------------------------------------------------------------
 
     def push(
-        self, store: Store, digest: str, name: str, tag: str, *, progress: Progress | None = None
+        self, store: AdapterStore, digest: str, name: str, tag: str, *, progress: Progress | None = None
     ) -> TransferResult:
         """Commit the adapter ``digest`` to the URL's branch (default ``main``) and tag it ``tag`` unless ``latest``."""
         target = self.target
@@ -268,12 +278,12 @@ class HubRemote:
             skipped_bytes=sum(s.size for s in sources) - sent,
         )
 
-    def _sources(self, store: Store, digest: str, target: HubURL) -> list[_Source]:
+    def _sources(self, store: AdapterStore, digest: str, target: HubURL) -> list[_Source]:
         """The files of the pushed repository, each checked against its digest before the Hub sees it."""
         config, layers = store.manifest(digest)
-        manifest = store.manifests.read(digest, what="manifest")
-        metadata_bytes = store.blobs.read(config.digest, config.size, what=f"metadata of {digest}")
-        metadata = parse_metadata(metadata_bytes, f"metadata of {digest}")
+        manifest = store.manifest_bytes(digest)
+        metadata_bytes = store.read_blob(config.digest, config.size, what=f"metadata of {digest}")
+        metadata = store.metadata(digest)
         sources = [
             _Source(MANIFEST_PATH, len(manifest), digest.removeprefix("sha256:"), data=manifest),
             _Source(METADATA_PATH, config.size, config.digest.removeprefix("sha256:"), data=metadata_bytes),
@@ -281,11 +291,11 @@ class HubRemote:
         own_readme: bytes | None = None
         for layer in layers:
             if layer.title == README_NAME:
-                own_readme = store.blobs.read(layer.digest, layer.size, what=f"{README_NAME} of {digest}")
+                own_readme = store.read_blob(layer.digest, layer.size, what=f"{README_NAME} of {digest}")
                 path = OWN_README_PATH
             else:
                 path = layer.title
-            blob = store.blobs.path(layer.digest)
+            blob = store.blob_path(layer.digest)
             if not blob.is_file():
                 raise ReferenceNotFoundError(
                     f"blob {layer.digest} ({layer.title}) of {digest} is missing from the store "
@@ -429,9 +439,9 @@ class HubRemote:
         for layer in layers:
             own = f"{META_DIR}/{layer.title}"
             wanted.append((own if own in files else layer.title, layer))
-        fetched: list[tuple[Path, str]] = []
+        fetched: dict[str, Path] = {}
         for path, layer in wanted:
-            if store.blobs.exists(layer.digest):
+            if store.has_blob(layer.digest, layer.size):
                 fetch.skipped += layer.size
                 continue
             info = files.get(path)
@@ -443,19 +453,15 @@ class HubRemote:
             if f"sha256:{sha256}" != layer.digest or info.size != layer.size:
                 # The bytes are what the Hub holds (fetch.get checked them): the repository changed after the push.
                 raise _StaleManifest(f"{path} no longer matches {MANIFEST_PATH}")
-            if path == METADATA_PATH:
-                parse_metadata(local.read_bytes(), f"{fetch.at}: {METADATA_PATH}")
-            fetched.append((local, layer.digest))
-        with store.writing():
-            for local, expected in fetched:
-                stored = store.blobs.put(_file_chunks(local))
-                if stored.digest != expected:  # the temp file changed under us
-                    raise IntegrityError(f"{fetch.at}: downloaded {expected} changed before it was stored; pull again")
-            for _, layer in wanted:
-                if not store.blobs.exists(layer.digest):
-                    raise SyncError(f"{url}: blob {layer.digest} left the store while pulling (gc?); pull again")
-            store.manifests.put_bytes(manifest_bytes)
-            store.refs.update(name, tag, digest, message=f"pull {url} ({fetch.commit})")
+            fetched[layer.digest] = local
+
+        def read(layer: Layer) -> Iterator[bytes]:
+            local = fetched.get(layer.digest)
+            if local is None:  # held when the pull began, gone since (a gc): the store's copy is what was checked
+                raise SyncError(f"{url}: blob {layer.digest} left the store while pulling (gc?); pull again")
+            return _file_chunks(local)
+
+        store.receive(manifest_bytes, read, f"{name}:{tag}", f"pull {url} ({fetch.commit})", where=fetch.at)
         return digest
 
     def _pull_plain(
@@ -473,23 +479,19 @@ class HubRemote:
             info = files.get(path)
             if info is None:
                 continue
-            have = store.blobs.path(f"sha256:{info.lfs.sha256}") if info.lfs is not None else None
-            if have is not None and have.is_file() and have.stat().st_size == info.size:
-                shutil.copyfile(have, folder / path)  # the Hub's sha256 names a blob the store already holds
+            have = f"sha256:{info.lfs.sha256}" if info.lfs is not None else None
+            if have is not None and store.has_blob(have, info.size):
+                shutil.copyfile(store.blob_path(have), folder / path)  # the Hub's sha256 names a blob the store holds
                 fetch.skipped += info.size
                 continue
             local, _ = fetch.get(info)
             os.replace(local, folder / path)
         try:
-            added = store.add(folder)
+            added = store.add(folder, f"{name}:{tag}", message=f"pull {url} ({fetch.commit})")
         except InvalidInputError as exc:
             # Name the Hub file, not the temp folder it was downloaded to.
             message = str(exc).replace(f"{folder}{os.sep}", "")
             raise type(exc)(f"{fetch.at}: {message}") from None
-        with store.writing():
-            if not store.manifests.exists(added.digest):
-                raise SyncError(f"{url}: adapter {added.digest} left the store while pulling (gc?); pull again")
-            store.refs.update(name, tag, added.digest, message=f"pull {url} ({fetch.commit})")
         return added.digest
 
 

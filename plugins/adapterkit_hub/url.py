@@ -10,8 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from adapterkit.errors import InvalidReferenceError
-from adapterkit.store import parse_tag_ref
+from adapterkit import InvalidReferenceError, parse_tag_ref
 
 __all__ = ["SCHEME", "HubURL", "default_local_ref", "parse_hf_url"]
 

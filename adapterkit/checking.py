@@ -144,17 +144,20 @@ def _base_identity(problems: list[Problem], recorded: Mapping[str, Any] | None, 
     hub_name, hub_revision = _hub_name_and_revision(base)
     name = recorded.get("name")
     if isinstance(name, str) and _HUB_ID.match(name) and hub_name and hub_name != name:
-        problems.append(Problem("name", None, f"base name: the adapter was trained on {name!r}, the base is {hub_name!r}"))
+        problems.append(
+            Problem("name", None, f"base name: the adapter was trained on {name!r}, the base is {hub_name!r}")
+        )
     revision = recorded.get("revision")
-    if isinstance(revision, str) and _HEX40.match(revision) and hub_revision and _HEX40.match(hub_revision):
-        if revision != hub_revision:
-            problems.append(
-                Problem(
-                    "revision",
-                    None,
-                    f"base revision: the adapter was trained on revision {revision[:12]}, the base is {hub_revision[:12]}",
-                )
+    known = isinstance(revision, str) and _HEX40.match(revision) and hub_revision and _HEX40.match(hub_revision)
+    if known and revision != hub_revision:
+        problems.append(
+            Problem(
+                "revision",
+                None,
+                f"base revision: the adapter was trained on revision {revision[:12]}, "
+                f"the base is {str(hub_revision)[:12]}",
             )
+        )
 
 
 def _exact_key(module: str, base: BaseModel) -> tuple[str | None, bool]:
@@ -213,7 +216,7 @@ def _is_vocab_module(spec: ModuleSpec, key: str, base: BaseModel) -> bool:
 
 
 def _check_shape(problems: list[Problem], spec: ModuleSpec, key: str, base: BaseModel) -> None:
-    dtype, shape = base.tensors[key]
+    shape = base.tensors[key][1]
     want = spec.base_shape
     if len(shape) != len(want):
         what = {2: "a linear or embedding weight", 3: "a conv1d weight", 4: "a conv2d weight", 5: "a conv3d weight"}
@@ -236,7 +239,8 @@ def _check_shape(problems: list[Problem], spec: ModuleSpec, key: str, base: Base
                 Problem(
                     "orientation",
                     spec.name,
-                    f"module {spec.name}: its delta is laid out {list(want)} but base tensor {key} is {list(shape)}; {fix}",
+                    f"module {spec.name}: its delta is laid out {list(want)} but base tensor {key} is "
+                    f"{list(shape)}; {fix}",
                 )
             )
             return
@@ -267,7 +271,8 @@ def _check_shape(problems: list[Problem], spec: ModuleSpec, key: str, base: Base
                 Problem(
                     "vocab",
                     spec.name,
-                    f"module {spec.name}: base tensor {key} has {shape[0]} rows but config.json says vocab_size {vocab}",
+                    f"module {spec.name}: base tensor {key} has {shape[0]} rows but config.json says "
+                    f"vocab_size {vocab}",
                 )
             )
 
@@ -343,7 +348,9 @@ def check_modules(
                 wrong_prefix.setdefault(_prefixes(module, near), []).append((key.removeprefix(KEY_PREFIX), near))
             else:
                 problems.append(
-                    Problem("missing", module, f"tensor {key}: the base has no module {module} for it, so it is ignored")
+                    Problem(
+                        "missing", module, f"tensor {key}: the base has no module {module} for it, so it is ignored"
+                    )
                 )
             continue
         if described is None or module in flagged:
@@ -362,7 +369,9 @@ def check_modules(
                 )
             else:
                 problems.append(
-                    Problem("shape", module, f"tensor {key}: {list(shape)}, but base tensor {target} is {list(base_shape)}")
+                    Problem(
+                        "shape", module, f"tensor {key}: {list(shape)}, but base tensor {target} is {list(base_shape)}"
+                    )
                 )
     for (adapter_prefix, base_prefix), found in sorted(wrong_prefix.items()):
         ours = adapter_prefix + "." if adapter_prefix else ""
@@ -379,7 +388,9 @@ def check_modules(
     return CheckReport(base=str(base.path), modules=len(modules), problems=problems)
 
 
-def describe_extras(header_tensors: Mapping[str, Any], extras: Sequence[str]) -> dict[str, tuple[str, tuple[int, ...]] | None]:
+def describe_extras(
+    header_tensors: Mapping[str, Any], extras: Sequence[str]
+) -> dict[str, tuple[str, tuple[int, ...]] | None]:
     """key -> (dtype, shape) of each extra tensor, from a safetensors header's tensor table."""
     out: dict[str, tuple[str, tuple[int, ...]] | None] = {}
     for key in extras:
@@ -388,15 +399,14 @@ def describe_extras(header_tensors: Mapping[str, Any], extras: Sequence[str]) ->
     return out
 
 
-
 def check(store: Store, ref: str, base: str | os.PathLike[str] | BaseModel) -> CheckReport:
     """Check the stored adapter ``ref`` against the base model folder ``base`` (headers only).
 
     What is compared comes from the store's metadata document and the header of the stored
     weights file (for the shapes of extra tensors); the base's tensors are never read.
     """
-    from adapterkit.formats.peft import WEIGHTS_NAME
-    from adapterkit.formats.safetensors_io import read_header
+    from adapterkit.files.safetensors import read_header
+    from adapterkit.store.store import WEIGHTS_NAME
 
     model = open_base(base)
     digest = store.resolve(ref)
@@ -406,7 +416,7 @@ def check(store: Store, ref: str, base: str | os.PathLike[str] | BaseModel) -> C
     if extras:
         _, layers = store.manifest(digest)
         weights = next(layer for layer in layers if layer.title == WEIGHTS_NAME)
-        header = read_header(store.blobs.path(weights.digest))
+        header = read_header(store.blob_path(weights.digest))
         extras = describe_extras(header.tensors, list(extras))
     report = check_modules(modules, extras, metadata.get("base_model"), model)
     report.digest = digest

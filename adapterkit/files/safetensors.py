@@ -26,6 +26,7 @@ __all__ = [
     "Header",
     "TensorInfo",
     "canonical_header",
+    "canonical_size",
     "iter_canonical_bytes",
     "parse_header",
     "read_header",
@@ -229,6 +230,12 @@ def _open_for_reading(path: str | os.PathLike[str]) -> BinaryIO:
         return Path(path).open("rb")
     except OSError as exc:
         raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+
+
+def canonical_size(header: Header) -> int:
+    """Bytes of the canonical form of a file with this header (what :func:`iter_canonical_bytes` yields)."""
+    prefix, _ = canonical_header({t.name: (t.dtype, t.shape) for t in header.tensors.values()})
+    return len(prefix) + sum(t.nbytes for t in header.tensors.values())
 
 
 def iter_canonical_bytes(path: str | os.PathLike[str], header: Header) -> Iterator[bytes]:

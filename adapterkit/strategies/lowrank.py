@@ -1,4 +1,8 @@
-"""Shared low-rank and dense-delta maths for the strategies (pure tensor code)."""
+"""Low-rank maths shared by the strategies and by inspect: the stacked-factor SVD, rank choice, truncation.
+
+Pure tensor code. Public to the package: ``inspect`` predicts what ``svd --rank`` keeps with the very
+calls the strategy makes, so the two can never disagree.
+"""
 
 from __future__ import annotations
 
