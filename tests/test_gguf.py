@@ -24,12 +24,11 @@ import torch
 from helpers import make_lora, save_base, tiny_llama
 from llamacpp import LlamaCpp, max_rel_error, tiny_causal_lm, write_base_gguf
 
-from adapterkit import compose
+from adapterkit import Store, compose
 from adapterkit.errors import ExportError
 from adapterkit.formats import gguf as gguf_format
 from adapterkit.formats.gguf import GgufFormat
 from adapterkit.formats.peft import read_adapter, write_adapter
-from adapterkit.store import Store
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PLAIN = dict(r=8, lora_alpha=16, target_modules=ALL_PROJ)
@@ -282,3 +281,53 @@ def test_needs_a_base_and_a_free_destination(llama_base: tuple[Any, Path], tmp_p
     result = GgufFormat().write(adapter, tmp_path / "new", base=base)
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["adapter.gguf"]  # no temporary file left
     assert result.details["certificate"]["max_rel_diff"] == 0.0
+
+
+def test_cli_export_gguf_prints_the_certificate(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adapterkit.cli import cli
+
+    model, base = llama_base
+    make_lora(model, seed=1, r=4, lora_alpha=12).save_pretrained(tmp_path / "lora")
+    runner = CliRunner()
+    home = ["--store", str(tmp_path / "store")]
+    added = runner.invoke(cli, [*home, "add", str(tmp_path / "lora"), "-t", "a:1"])
+    assert added.exit_code == 0, added.output
+    out = runner.invoke(cli, [*home, "export", "a:1", str(tmp_path / "out"), "--format", "gguf", "--base", str(base)])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].endswith(f" to {tmp_path / 'out'}")
+    assert lines[1].startswith("certificate: 4 modules re-read, largest relative difference ")
+    doc = runner.invoke(
+        cli,
+        [
+            *home,
+            "export",
+            "a:1",
+            str(tmp_path / "out16.gguf"),
+            "--format",
+            "gguf",
+            "--base",
+            str(base),
+            "--dtype",
+            "f16",
+        ],
+    )
+    assert doc.exit_code == 0, doc.output
+    as_json = runner.invoke(
+        cli, [*home, "export", "a:1", str(tmp_path / "j"), "--format", "gguf", "--base", str(base), "--json"]
+    )
+    result = json.loads(as_json.output)
+    assert result["architecture"] == "llama" and result["dtype"] == "f32" and result["format"] == "gguf"
+    assert result["written"] == [str(tmp_path / "j" / "adapter.gguf")]
+    assert set(result["certificate"]["modules"]) == set(store_modules(tmp_path / "lora"))
+    refused = runner.invoke(cli, [*home, "export", "a:1", str(tmp_path / "x"), "--format", "gguf"])
+    assert refused.exit_code == 1
+    assert refused.output.splitlines()[-1] == (
+        "Error: GGUF export needs the base model folder (--base BASE_DIR): llama.cpp names tensors by it"
+    )
+
+
+def store_modules(folder: Path) -> list[str]:
+    return list(read_adapter(folder).modules)

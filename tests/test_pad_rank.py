@@ -137,3 +137,28 @@ def test_common_scaling_is_the_one_of_most_parameters(setup: dict[str, object]) 
     for module in adapter.modules.values():
         by_scaling[module.spec.scaling] = by_scaling.get(module.spec.scaling, 0) + module.spec.num_parameters
     assert common_scaling(adapter.modules) == max(by_scaling, key=lambda s: (by_scaling[s], -s))
+
+
+def test_cli_export_pad_rank(setup: dict[str, object], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adapterkit.cli import cli
+
+    root = setup["root"]
+    assert isinstance(root, Path)
+    runner = CliRunner()
+    home = ["--store", str(tmp_path / "store")]
+    assert runner.invoke(cli, [*home, "add", str(root / "patterned"), "-t", "p:1"]).exit_code == 0
+    out = runner.invoke(cli, [*home, "export", "p:1", str(tmp_path / "out"), "--pad-rank", "16"])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[1].startswith("certificate: 6 modules re-read, largest relative difference ")
+    assert read_adapter(tmp_path / "out").config["r"] == 16
+    too_big = runner.invoke(cli, [*home, "export", "p:1", str(tmp_path / "big"), "--pad-rank", "1024"])
+    assert too_big.exit_code == 1
+    assert too_big.output.splitlines()[-1] == (
+        "Error: format 'peft': parameter 'pad_rank' must be at most 512, the largest max_lora_rank vLLM accepts "
+        "(vllm/config/lora.py, MaxLoRARanks), got 1024"
+    )
+    too_small = runner.invoke(cli, [*home, "export", "p:1", str(tmp_path / "small"), "--pad-rank", "4"])
+    assert too_small.exit_code == 1 and "is below the rank of" in too_small.output
+    assert not (tmp_path / "big").exists() and not (tmp_path / "small").exists()

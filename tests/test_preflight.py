@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 from helpers import make_lora, save_base, save_lora, tiny_gpt2, tiny_llama
 
+from adapterkit import Store
 from adapterkit.base_model import BaseModel
 from adapterkit.checking import check
 from adapterkit.cli import cli
-from adapterkit.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,8 @@ def adapter_digest(adapter: Adapter) -> str:
     """The adapter's store digest, or for one never stored, the sha256 of its canonical files."""
     if adapter.digest:
         return adapter.digest
-    from adapterkit.formats.peft import config_bytes, tensors_to_bytes
+    from adapterkit.adapter.model import tensors_to_bytes
+    from adapterkit.formats.peft import config_bytes
 
     hasher = hashlib.sha256(config_bytes(adapter.config))
     hasher.update(tensors_to_bytes(adapter.state_dict()))
