@@ -332,8 +332,9 @@ def export(
     """Write the adapter REF at DEST in a format (a PEFT folder, byte-identical to the stored files, by default).
 
     `--format gguf --base BASE_DIR` writes DEST/adapter.gguf (or DEST itself when it ends in .gguf)
-    for llama.cpp and Ollama. Every export re-reads what it wrote and prints the largest relative
-    difference between the deltas the target applies and the stored ones.
+    for llama.cpp and Ollama. An export that rewrites the factors (gguf, --pad-rank) re-reads what it
+    wrote and prints the largest relative difference between the deltas the target applies and the
+    stored ones (the equivalence certificate).
     """
     store = _store(ctx)
     info = store.show(ref)

@@ -101,8 +101,8 @@ class Certificate:
 
     @property
     def worst(self) -> str | None:
-        """The module with the largest difference (the first in name order among equals)."""
-        if not self.modules:
+        """The module with the largest difference (the first in name order among equals); None when all are 0."""
+        if not self.modules or self.max_rel_diff == 0.0:
             return None
         return max(sorted(self.modules), key=lambda name: self.modules[name])
 
