@@ -169,11 +169,8 @@ def fetch_converter(work: Path) -> Path:
     if (target / "convert_lora_to_gguf.py").is_file():
         return target
     download = work / "sdist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(download)]
-        + [LLAMA_CPP_PYTHON],
-        check=True,
-    )
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(download)]
+    subprocess.run([*pip, LLAMA_CPP_PYTHON], check=True)
     (archive,) = download.glob("*.tar.gz")
     wanted = ("convert_lora_to_gguf.py", "conversion/", "gguf-py/")
     with tarfile.open(archive) as tar:
@@ -233,9 +230,7 @@ def child_check(adapter: str, gguf_file: str) -> None:
         if kind in heads:
             b = unpermute_rows(b, heads[kind])
         scale = float(np.float32(alpha) / np.float32(b.shape[1])) if alpha else 1.0
-        errors[name] = relative_difference(
-            Factors(module.A, module.B, module.spec.scaling), Factors(a, b, scale)
-        )
+        errors[name] = relative_difference(Factors(module.A, module.B, module.spec.scaling), Factors(a, b, scale))
     worst = max(errors, key=errors.__getitem__)
     off = sum(1 for e in errors.values() if e > 1e-5)
     print(json.dumps({"max": errors[worst], "worst": worst, "off": off, "modules": len(errors), "alpha": alpha}))
@@ -283,15 +278,12 @@ def main() -> None:
         )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])}
         base = str(work / "base")
+        store = str(work / "store")
+        ours = [sys.executable, "-m", "adapterkit.cli", "--store", store, "export"]
+        theirs = [sys.executable, str(source / "convert_lora_to_gguf.py"), "--base", base, "--outtype", "f32"]
         programs = {
-            "adapterkit export": lambda name, out: [
-                sys.executable, "-m", "adapterkit.cli", "--store", str(work / "store"), "export",
-                f"bench/{name}:1", out, "--format", "gguf", "--base", base,
-            ],  # fmt: skip
-            "convert_lora_to_gguf": lambda name, out: [
-                sys.executable, str(source / "convert_lora_to_gguf.py"), "--base", base, "--outtype", "f32",
-                "--outfile", out, str(work / name),
-            ],  # fmt: skip
+            "adapterkit export": lambda name, out: [*ours, f"bench/{name}:1", out, "--format", "gguf", "--base", base],
+            "convert_lora_to_gguf": lambda name, out: [*theirs, "--outfile", out, str(work / name)],
         }
         rows = []
         for name in ("plain", "patterned"):
@@ -317,10 +309,10 @@ def main() -> None:
             )
         print(f"(medians of {args.repeat} runs each)")
         for name in ("plain", "patterned"):
-            ours, theirs = (row for row in rows if row[0] == name)
+            mine, peer = (row for row in rows if row[0] == name)
             print(
-                f"{name}: adapterkit / converter: time {ours[2] / theirs[2]:.2f}x, peak RSS {ours[3] / theirs[3]:.2f}x; "
-                f"largest delta error {ours[4]['max']:.1e} vs {theirs[4]['max']:.1e}"
+                f"{name}: adapterkit / converter: time {mine[2] / peer[2]:.2f}x, peak RSS {mine[3] / peer[3]:.2f}x; "
+                f"largest delta error {mine[4]['max']:.1e} vs {peer[4]['max']:.1e}"
             )
 
 
