@@ -17,6 +17,7 @@ from adapterkit.errors import (
     AmbiguousReferenceError,
     BaseModelError,
     CompositionError,
+    ExportError,
     ExtractionError,
     IncompatibleAdaptersError,
     IntegrityError,
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from adapterkit.adapter.model import Adapter, LoraModule
     from adapterkit.analysis.plotting import plot
     from adapterkit.analysis.spectra import inspect
+    from adapterkit.checking import CheckReport, Problem, check
     from adapterkit.composition.engine import compose
     from adapterkit.composition.plan import plan_compose
     from adapterkit.extraction import extract, plan_extraction
@@ -91,7 +93,9 @@ __all__ = [
     "BaseFingerprint",
     "BaseModel",
     "BaseModelError",
+    "CheckReport",
     "CompositionError",
+    "ExportError",
     "ExportResult",
     "Format",
     "ExtractionError",
@@ -110,6 +114,7 @@ __all__ = [
     "Param",
     "PeftFormat",
     "PluginError",
+    "Problem",
     "PluginInfo",
     "Plugins",
     "Progress",
@@ -134,6 +139,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "attach",
+    "check",
     "compose",
     "extract",
     "find_format",
@@ -164,8 +170,11 @@ __all__ = [
 _LAZY = {
     "Adapter": "adapterkit.adapter.model",
     "LoraModule": "adapterkit.adapter.model",
+    "CheckReport": "adapterkit.checking",
+    "Problem": "adapterkit.checking",
     "MergeReport": "adapterkit.merging.streamed",
     "attach": "adapterkit.merging.stacking",
+    "check": "adapterkit.checking",
     "compose": "adapterkit.composition.engine",
     "inspect": "adapterkit.analysis.spectra",
     "merge": "adapterkit.merging.streamed",

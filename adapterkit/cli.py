@@ -437,20 +437,64 @@ def log(ctx: click.Context, ref: str) -> None:
     _emit(ctx, entries, text)
 
 
+def _certificate_text(certificate: dict[str, Any]) -> str:
+    """One line: how many modules were re-read and the largest relative difference of their deltas."""
+    worst = certificate["max_rel_diff"]
+    where = f" ({certificate['worst_module']})" if worst and certificate.get("worst_module") else ""
+    value = "0 (exact)" if worst == 0 else f"{worst:.2e}{where}"
+    return f"certificate: {len(certificate['modules'])} modules re-read, largest relative difference {value}"
+
+
 @cli.command()
 @click.argument("ref")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option(
     "--format", "format_", default="peft", show_default=True, metavar="NAME", help="See `adapterkit plugins`."
 )
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(path_type=Path),
+    help="Base model folder (gguf: its config.json names the architecture and tensors; headers only).",
+)
+@click.option(
+    "--pad-rank",
+    type=int,
+    metavar="N",
+    help="peft: zero-pad every module to rank N with one r/lora_alpha (PEFT hotswap, vLLM).",
+)
+@click.option("--dtype", metavar="T", help="gguf: tensor type, f32 (default), f16 or bf16.")
 @json_option
 @click.pass_context
-def export(ctx: click.Context, ref: str, dest: Path, format_: str) -> None:
-    """Write the adapter REF at DEST in a format (a PEFT folder, byte-identical to the stored files, by default)."""
+def export(
+    ctx: click.Context,
+    ref: str,
+    dest: Path,
+    format_: str,
+    base_dir: Path | None,
+    pad_rank: int | None,
+    dtype: str | None,
+) -> None:
+    """Write the adapter REF at DEST in a format (a PEFT folder, byte-identical to the stored files, by default).
+
+    `--format gguf --base BASE_DIR` writes DEST/adapter.gguf (or DEST itself when it ends in .gguf)
+    for llama.cpp and Ollama. An export that rewrites the factors (gguf, --pad-rank) re-reads what it
+    wrote and prints the largest relative difference between the deltas the target applies and the
+    stored ones (the equivalence certificate).
+    """
     store = _store(ctx)
     info = store.show(ref)
+    given = {"base": base_dir, "pad_rank": pad_rank, "dtype": dtype}
+    options = {key: value for key, value in given.items() if value is not None}
     with _progress("exporting", info["size"]) as progress:
-        result = store.export(info["digest"], dest, format=format_, progress=progress)
+        result = store.export(info["digest"], dest, format=format_, progress=progress, **options)
+
+    def text() -> str:
+        lines = [f"exported {info['digest']} to {result.path}"]
+        if "certificate" in result.details:
+            lines.append(_certificate_text(result.details["certificate"]))
+        return "\n".join(lines)
+
     _emit(
         ctx,
         {
@@ -462,7 +506,7 @@ def export(ctx: click.Context, ref: str, dest: Path, format_: str) -> None:
             "written": [str(path) for path in result.files],
             **result.details,
         },
-        lambda: f"exported {info['digest']} to {result.path}",
+        text,
     )
 
 
@@ -555,6 +599,41 @@ def fingerprint(ctx: click.Context, base_dir: Path, content: bool) -> None:
         document,
         lambda: "\n".join(f"{key}: {value}" for key, value in document.items()),
     )
+
+
+@cli.command()
+@click.argument("ref")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Base model folder (only its config.json and safetensors headers are read).",
+)
+@json_option
+@click.pass_context
+def check(ctx: click.Context, ref: str, base_dir: Path) -> None:
+    """Check that the adapter REF fits the base in BASE_DIR before deploying it; exit 1 on any problem.
+
+    One line per problem: a module the base lacks or shapes differently, keys under a prefix the
+    base does not use (loaders would ignore them), a resized vocabulary, a Conv1D layer taken the
+    wrong way round, dtypes, and the base's fingerprint, name and revision against those recorded.
+    """
+    report = adapterkit.check(_store(ctx), ref, base_dir)
+
+    def text() -> str:
+        lines = [problem.message for problem in report.problems]
+        modules = f"{report.modules} module{'s' if report.modules != 1 else ''}"
+        if report.ok:
+            lines.append(f"{ref} fits {report.base}: {modules} checked, no problem")
+        else:
+            count = len(report.problems)
+            lines.append(f"{ref} does not fit {report.base}: {count} problem{'s' if count != 1 else ''} in {modules}")
+        return "\n".join(lines)
+
+    _emit(ctx, {"ref": ref, **report.to_json()}, text)
+    if not report.ok:
+        ctx.exit(1)
 
 
 def _plan_text(plan: dict[str, Any]) -> str:

@@ -31,6 +31,8 @@ def register_remotes(register: Any) -> None:
 
 @hookimpl
 def register_formats(register: Any) -> None:
+    from adapterkit.formats.gguf import GgufFormat
     from adapterkit.formats.peft import PeftFormat
 
     register(PeftFormat())
+    register(GgufFormat())

@@ -13,6 +13,7 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
     │   ├── NonFiniteError           a NaN or infinity in a tensor, or a weight whose products overflow
     │   ├── ExtractionError          a (base, fine-tuned) pair that cannot be turned into an adapter as asked
+    │   ├── ExportError              an adapter the export target cannot hold exactly (GGUF and DoRA, ...)
     │   └── CompositionError         adapters that cannot be blended as asked
     │       ├── IncompatibleAdaptersError  different bases, or one module shaped differently
     │       └── UnknownStrategyError       no plugin registered that strategy
@@ -38,6 +39,7 @@ __all__ = [
     "BaseModelError",
     "CompositionError",
     "ExtractionError",
+    "ExportError",
     "IncompatibleAdaptersError",
     "IntegrityError",
     "InvalidInputError",
@@ -106,6 +108,10 @@ class NonFiniteError(InvalidInputError):
 
 class ExtractionError(InvalidInputError):
     """A base and a fine-tuned model that cannot be turned into an adapter as asked (structure, targets, ranks)."""
+
+
+class ExportError(InvalidInputError):
+    """The adapter cannot be written in the format asked, exactly, with the options given; nothing was written."""
 
 
 class CompositionError(InvalidInputError):

@@ -117,7 +117,7 @@ def test_hook_register_formats(plugin_env: dict[str, str], peft_folders: Any, tm
     assert back["modules"] == original["modules"] and back["peft_config"] == original["peft_config"]
     refused = cli(plugin_env, "--store", store, "export", "a", tmp_path / "x", "--format", "nope")
     assert refused.returncode == 1
-    assert refused.stderr.splitlines()[-1] == "Error: unknown format 'nope'; available: flat, peft"
+    assert refused.stderr.splitlines()[-1] == "Error: unknown format 'nope'; available: flat, gguf, peft"
 
 
 def test_a_broken_plugin_warns_and_the_rest_work(plugin_env: dict[str, str]) -> None:

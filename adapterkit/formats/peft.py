@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterkit.adapter.config import ModuleSpec, describe_modules, load_config_json, validate_lora_config
 from adapterkit.errors import AdapterFormatError
@@ -29,6 +29,7 @@ from adapterkit.files.safetensors import (
     read_header,
 )
 from adapterkit.formats.base import AdapterFiles, ExportResult, Format
+from adapterkit.params import Param
 from adapterkit.store.store import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
@@ -51,6 +52,20 @@ __all__ = [
 ]
 
 BIN_NAME = "adapter_model.bin"
+#: The largest ``max_lora_rank`` vLLM accepts: ``MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]``
+#: in vLLM's ``vllm/config/lora.py``. vLLM refuses an adapter whose rank exceeds its ``max_lora_rank``.
+VLLM_MAX_LORA_RANK = 512
+
+
+def _pad_rank_check(value: int) -> str | None:
+    if isinstance(value, bool) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    if value > VLLM_MAX_LORA_RANK:
+        return (
+            f"must be at most {VLLM_MAX_LORA_RANK}, the largest max_lora_rank vLLM accepts "
+            f"(vllm/config/lora.py, MaxLoRARanks), got {value}"
+        )
+    return None
 
 
 def config_bytes(config: Mapping[str, Any]) -> bytes:
@@ -267,9 +282,32 @@ class PeftFormat(Format):
             key_prefix=prefix,
         )
 
+    options: ClassVar[dict[str, Param]] = {
+        "pad_rank": Param(
+            int,
+            None,
+            "Zero-pad every module to this rank and fold the scalings into one r/lora_alpha "
+            "(for PEFT hotswapping and vLLM; at most 512, vLLM's largest max_lora_rank).",
+            _pad_rank_check,
+        ),
+    }
+
     def load(self, path: Path) -> Adapter:
         return read_adapter(path)
 
     def write(self, adapter: Adapter, dest: Path, **options: Any) -> ExportResult:
-        folder = write_adapter(adapter, dest)
-        return ExportResult(path=folder, files=[folder / CONFIG_NAME, folder / WEIGHTS_NAME])
+        """Write a PEFT folder (padded with ``pad_rank``), then re-read it and certify every module's delta."""
+        from adapterkit.adapter.equivalence import compare_adapters
+
+        opts = self.check_options(options)
+        written = adapter
+        if opts["pad_rank"] is not None:
+            from adapterkit.adapter.transforms import pad_rank
+
+            written = pad_rank(adapter, opts["pad_rank"])
+        folder = write_adapter(written, dest)
+        certificate = compare_adapters(adapter, read_adapter(folder), "peft: re-read, scalings as PEFT resolves them")
+        details: dict[str, Any] = {"format": self.name, "certificate": certificate.to_json()}
+        if opts["pad_rank"] is not None:
+            details.update(pad_rank=opts["pad_rank"], r=written.config["r"], lora_alpha=written.config["lora_alpha"])
+        return ExportResult(path=folder, files=[folder / CONFIG_NAME, folder / WEIGHTS_NAME], details=details)
