@@ -11,8 +11,9 @@ that *both* sides of each pair carry:
 * content digests must be equal (two bases with one architecture but different weights, such
   as a model and its chat fine-tune, share a structure fingerprint but not a content digest);
 * names must be equal where both are Hub repository ids (``org/name`` or a bare ``name``,
-  compared without regard to case). A local path (``/models/llama``, ``./base``, ``~/x``) may be
-  a copy of any repository, so it is never held against a repository id or another path.
+  compared without regard to case, and not an existing local directory). A local path
+  (``/models/llama``, ``./base``, ``~/x``, or ``demo/base`` where that folder exists) may be a
+  copy of any repository, so it is never held against a repository id or another path.
   When the names differ but both sides carry equal structure fingerprints, the pair is accepted
   with a warning naming both (same architecture, possibly other weights); when either side lacks
   a fingerprint, different names are all there is to go on, and the pair is refused.
@@ -25,6 +26,7 @@ parent's name with another's fingerprint.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,12 +44,19 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9
 
 
 def repo_id(name: str | None) -> str | None:
-    """``name`` as a comparable Hub repository id (lower case), or None for a local path or no name."""
+    """``name`` as a comparable Hub repository id (lower case), or None for a local path or no name.
+
+    transformers' own rule decides: a name that is an existing directory here is a path (a model
+    loaded with ``from_pretrained("models/llama")`` records exactly that), anything else shaped like
+    ``org/name`` or ``name`` is a repository id.
+    """
     if not name:
         return None
     text = name.strip()
     if ".." in text or not _REPO_ID.fullmatch(text):
         return None  # "/abs", "./rel", "~/x", "C:\\x", "a/b/c": a path on some machine
+    if os.path.isdir(text):
+        return None  # "models/llama" next to the caller: a local folder, whatever it was copied from
     return text.lower()
 
 

@@ -101,8 +101,12 @@ def test_different_content_digests_are_refused_unless_forced(world: dict[str, An
     assert compose([first, second], [1.0, 1.0], force=True).modules
 
 
-def test_local_paths_are_never_held_against_repository_ids() -> None:
+def test_local_paths_are_never_held_against_repository_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+
     assert repo_id("Org/Model-7B") == "org/model-7b" and repo_id("gpt2") == "gpt2"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo" / "base").mkdir(parents=True)  # from_pretrained("demo/base") records "demo/base"
+    assert repo_id("demo/base") is None and repo_id("demo/other") == "demo/other"
     for path in ("/models/llama", "./base", "../base", "~/llama", "C:\\models\\llama", "a/b/c", None, ""):
         assert repo_id(path) is None, path
     sides = [BaseIdentity("x", name="/srv/models/llama"), BaseIdentity("y", name="meta-llama/Llama-2-7b-hf")]
@@ -167,6 +171,9 @@ def test_attach_checks_the_adapters_against_the_models_name(world: dict[str, Any
     with pytest.raises(BaseModelError, match="'org/model-b' but the model is 'org/model-a'"):
         attach(model, [other])
     assert attach(model, [other], force=True) is not None
+    local = copy.deepcopy(world["model"])
+    local.config._name_or_path = str(world["base"])  # loaded from a folder: nothing to hold against a name
+    assert attach(local, [other]) is not None
     pair = [marked(world["a"], name="org/x"), marked(world["b"], name="org/y", fp=FP_A)]
     with pytest.raises(IncompatibleAdaptersError, match="org/x, org/y"):
         attach(copy.deepcopy(world["model"]), pair, [0.5, 0.5])
