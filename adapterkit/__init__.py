@@ -18,11 +18,13 @@ from adapterkit.errors import (
     BaseModelError,
     CompositionError,
     ExportError,
+    ExtractionError,
     IncompatibleAdaptersError,
     IntegrityError,
     InvalidInputError,
     InvalidReferenceError,
     MergeError,
+    NonFiniteError,
     PluginError,
     RefConflictError,
     ReferenceNotFoundError,
@@ -52,6 +54,7 @@ from adapterkit.store import (
     Layer,
     Received,
     Ref,
+    TagResult,
     VerifyReport,
     is_digest,
     marker_version,
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
     from adapterkit.checking import CheckReport, Problem, check
     from adapterkit.composition.engine import compose
     from adapterkit.composition.plan import plan_compose
+    from adapterkit.extraction import extract, plan_extraction
     from adapterkit.formats.peft import read_adapter, write_adapter
     from adapterkit.merging.dry_run import plan_merge
     from adapterkit.merging.stacking import attach
@@ -94,6 +98,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "Format",
+    "ExtractionError",
     "GcReport",
     "IncompatibleAdaptersError",
     "IntegrityError",
@@ -103,6 +108,7 @@ __all__ = [
     "LoraModule",
     "MergeError",
     "MergeReport",
+    "NonFiniteError",
     "ModuleInput",
     "ModuleResult",
     "Param",
@@ -123,6 +129,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "Strategy",
+    "TagResult",
     "SyncError",
     "TransferResult",
     "UnknownFormatError",
@@ -134,6 +141,7 @@ __all__ = [
     "attach",
     "check",
     "compose",
+    "extract",
     "find_format",
     "fingerprint",
     "get_plugins",
@@ -148,6 +156,7 @@ __all__ = [
     "parse_ref",
     "parse_tag_ref",
     "plan_compose",
+    "plan_extraction",
     "plan_merge",
     "plot",
     "pull",
@@ -174,6 +183,8 @@ _LAZY = {
     "plot": "adapterkit.analysis.plotting",
     "read_adapter": "adapterkit.formats.peft",
     "write_adapter": "adapterkit.formats.peft",
+    "extract": "adapterkit.extraction",
+    "plan_extraction": "adapterkit.extraction",
 }
 
 

@@ -8,6 +8,7 @@ neither torch nor transformers, so ``adapterkit list`` starts fast.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,14 +48,57 @@ def _warnings_as_lines() -> Iterator[None]:
                 )
 
 
+class _Failure(click.ClickException):
+    """A reported error: ``Error: MESSAGE`` on stderr, or under ``--json`` one document on stdout.
+
+    Scripts that asked for JSON get JSON for failures too, ``{"error": {"type", "message"}}``,
+    with the exit code unchanged (1 for a reported error, 2 for a usage error).
+    """
+
+    def __init__(self, message: str, kind: str, *, as_json: bool, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.as_json = as_json
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        if self.as_json:
+            document = {"error": {"type": self.kind, "message": self.format_message()}}
+            click.echo(json.dumps(document, indent=2, sort_keys=True))
+        else:
+            super().show(file)
+
+
+def _json_requested(ctx: click.Context) -> bool:
+    """``--json`` was given: parsed already, or at least present among the arguments (a usage error may come first)."""
+    root = ctx.find_root()
+    return bool((root.obj or {}).get("json")) or "--json" in root.meta.get("adapterkit.args", ())
+
+
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["adapterkit.args"] = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if "--json" not in args:
+                raise
+            raise _Failure(exc.format_message(), type(exc).__name__, as_json=True, exit_code=exc.exit_code) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             with _warnings_as_lines():
                 return super().invoke(ctx)
         except AdapterkitError as exc:
             message = " ".join(str(exc).split("\n"))
-            raise click.ClickException(message) from None
+            raise _Failure(message, type(exc).__name__, as_json=_json_requested(ctx)) from None
+        except MemoryError:  # adapters or a model larger than this machine holds: one line, like any other error
+            message = "out of memory: the adapters or the model do not fit in this machine's RAM"
+            raise _Failure(message, "MemoryError", as_json=_json_requested(ctx)) from None
+        except click.UsageError as exc:
+            if not _json_requested(ctx):
+                raise
+            raise _Failure(exc.format_message(), type(exc).__name__, as_json=True, exit_code=exc.exit_code) from None
 
 
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -90,10 +134,15 @@ def _emit(ctx: click.Context, document: Any, text: Callable[[], str]) -> None:
         click.echo(text())
 
 
+def _is_terminal() -> bool:
+    """Whether stderr is a terminal: progress is shown only there (never in pipes, logs or tests)."""
+    return sys.stderr.isatty()
+
+
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
     """A progress bar on stderr when it is a terminal; nothing otherwise."""
-    if total <= 0 or not sys.stderr.isatty():
+    if total <= 0 or not _is_terminal():
         yield None
         return
     with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
@@ -103,7 +152,7 @@ def _progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
 @contextmanager
 def _lazy_progress(label: str) -> Iterator[Callable[[int, int, str], None] | None]:
     """A progress bar for work whose total is known only at the first callback."""
-    if not sys.stderr.isatty():
+    if not _is_terminal():
         yield None
         return
     state: dict[str, Any] = {}
@@ -151,6 +200,20 @@ def _short(digest: str) -> str:
     return digest[: len("sha256:") + 12]
 
 
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    """``noun`` for one, ``plural`` (default ``noun + "s"``) for any other count."""
+    return noun if count == 1 else plural or f"{noun}s"
+
+
+def _plural_count(count: int, noun: str) -> str:
+    return f"{count} {_plural(count, noun)}"
+
+
+def _was(previous: str | None) -> str:
+    """`` (was sha256:...)`` after a ref that a command moved from another adapter, as ``rm`` prints it."""
+    return f" (was {previous})" if previous else ""
+
+
 def _ranks_text(ranks: list[int]) -> str:
     return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
@@ -177,36 +240,54 @@ def _base_text(base: dict[str, Any] | None) -> str:
     metavar="BASE_DIR",
     help="Base model folder: record its fingerprint and check every module against it.",
 )
+@click.option(
+    "--content",
+    is_flag=True,
+    help="With --base, also record the base's content digest (reads every byte of the base), which tells "
+    "apart bases of one architecture with different weights.",
+)
 @json_option
 @click.pass_context
-def add(ctx: click.Context, path: Path, tag: str, base: Path | None) -> None:
+def add(ctx: click.Context, path: Path, tag: str, base: Path | None, content: bool) -> None:
     """Import the PEFT adapter folder PATH into the store."""
+    if content and base is None:
+        raise click.UsageError("--content needs --base BASE_DIR (the base whose content is hashed).")
     store = _store(ctx)
     weights = path / "adapter_model.safetensors"
     total = weights.stat().st_size if weights.is_file() else 0
     with _progress("hashing", total) as progress:
-        result = store.add(path, tag, base=base, progress=progress)
-    document = {**result.info, "ref": result.ref, "new_bytes": result.new_bytes}
+        result = store.add(path, tag, base=base, base_content=content, progress=progress)
+    document = {**result.info, "ref": result.ref, "new_bytes": result.new_bytes, "previous": result.previous}
     _emit(
         ctx,
         document,
         lambda: (
             f"{result.ref} {result.digest} ({human_size(result.new_bytes)} new, "
-            f"{result.info['num_modules']} modules, {result.info['num_parameters']:,} parameters)"
+            f"{_modules_text(result.info)}){_was(result.previous)}"
         ),
     )
 
 
+def _modules_text(info: dict[str, Any]) -> str:
+    modules, parameters = info["num_modules"], info["num_parameters"]
+    return f"{modules} {_plural(modules, 'module')}, {parameters:,} {_plural(parameters, 'parameter')}"
+
+
 @cli.command(name="list")
+@click.argument("pattern", required=False)
 @json_option
 @click.pass_context
-def list_(ctx: click.Context) -> None:
-    """List the adapters that refs point at."""
-    items = _store(ctx).list()
+def list_(ctx: click.Context, pattern: str | None) -> None:
+    """List the adapters that refs point at; PATTERN (a glob) keeps the refs it matches.
+
+    A PATTERN with a ':' is matched against NAME:TAG ('*:v1'), one without against the name
+    ('demo/*'); '*' also matches '/'.
+    """
+    items = _store(ctx).list(pattern)
 
     def text() -> str:
         if not items:
-            return "no adapters"
+            return "no adapters" + (f" match {pattern!r}" if pattern is not None else "")
         rows = [("REF", "DIGEST", "BASE", "R", "MODULES", "PARAMS", "SIZE")]
         for item in items:
             if "error" in item:
@@ -249,13 +330,18 @@ def show(ctx: click.Context, ref: str) -> None:
             f"r / alpha:   {info['r']} / {info['lora_alpha']}{' (rslora)' if info['use_rslora'] else ''}"
             + (f", module ranks {_ranks_text(info['ranks'])}" if len(info["ranks"]) > 1 else ""),
             f"targets:     {', '.join(target) if isinstance(target, list) else target}",
-            f"parameters:  {info['num_parameters']:,} in {info['num_modules']} modules",
+            f"parameters:  {info['num_parameters']:,} in {_plural_count(info['num_modules'], 'module')}",
             f"size:        {human_size(info['size'])}",
         ]
         if info["carried"]:
             lines.append(f"carried:     {', '.join(info['carried'])} (kept as is, not interpreted)")
         lineage = info["lineage"]
-        if lineage:
+        if lineage and lineage.get("source"):
+            source = lineage["source"]
+            lines.append(
+                f"lineage:     {lineage['strategy']} from {source['name']} ({_short(source['structure_digest'])})"
+            )
+        elif lineage:
             parents = ", ".join(f"{_short(p['digest'])} x {p['weight']}" for p in lineage["parents"])
             lines.append(f"lineage:     {lineage['strategy']} of {parents}")
         lines.append("files:")
@@ -264,7 +350,9 @@ def show(ctx: click.Context, ref: str) -> None:
         lines.append("modules:")
         for m in info["modules"]:
             shape = f"{m['in']}->{m['out']}"
-            lines.append(f"  {m['name']}  {m['kind']}  r={m['r']} alpha={m['alpha']} scaling={m['scaling']:g}  {shape}")
+            # GPT-2's Conv1D stores its weight transposed: PEFT must be told (fan_in_fan_out), and so must a reader.
+            kind = f"{m['kind']} (fan_in_fan_out)" if m.get("fan_in_fan_out") else m["kind"]
+            lines.append(f"  {m['name']}  {kind}  r={m['r']} alpha={m['alpha']} scaling={m['scaling']:g}  {shape}")
         return "\n".join(lines)
 
     _emit(ctx, info, text)
@@ -277,18 +365,76 @@ def show(ctx: click.Context, ref: str) -> None:
 @click.pass_context
 def tag(ctx: click.Context, ref: str, new_ref: str) -> None:
     """Point NAME[:TAG] at the adapter REF names."""
-    digest = _store(ctx).tag(ref, new_ref)
-    _emit(ctx, {"ref": new_ref, "digest": digest}, lambda: f"{new_ref} -> {digest}")
+    result = _store(ctx).update_tag(ref, new_ref)
+    _emit(
+        ctx,
+        {"ref": new_ref, "digest": result.digest, "previous": result.previous},
+        lambda: f"{new_ref} -> {result.digest}{_was(result.previous)}",
+    )
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True, metavar="NAME[:TAG]...")
+@json_option
+@click.pass_context
+def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
+    """Remove refs: all of them, or none when one is missing. The adapters' data stays until `gc` finds nothing
+    pointing at it.
+
+    With --json: one object for one ref (as before rm took several), a list of them for several."""
+    removed = _store(ctx).remove_refs(refs)
+    document: Any = [{"removed": ref, "digest": digest} for ref, digest in removed]
+    if len(refs) == 1:
+        document = document[0]  # one ref, one object (as before several were accepted)
+    _emit(ctx, document, lambda: "\n".join(f"removed {ref} (was {digest})" for ref, digest in removed))
+
+
+@contextmanager
+def _byte_counter(label: str) -> Iterator[Callable[[int], None] | None]:
+    """Bytes moved so far, on one self-rewriting stderr line, for transfers whose total is not known up front.
+
+    Shown only on a terminal, and only once the work has run for a second: a quick transfer prints nothing.
+    """
+    if not _is_terminal():
+        yield None
+        return
+    import time
+
+    state = {"bytes": 0, "start": time.monotonic(), "shown": 0.0}
+
+    def update(count: int) -> None:
+        state["bytes"] += count
+        now = time.monotonic()
+        if now - state["start"] >= 1.0 and now - state["shown"] >= 0.1:
+            state["shown"] = now
+            click.echo(f"\r{label} {human_size(int(state['bytes']))}\x1b[K", err=True, nl=False)
+
+    try:
+        yield update
+    finally:
+        if state["shown"]:
+            click.echo(f"\r{label} {human_size(int(state['bytes']))}\x1b[K", err=True)
 
 
 @cli.command()
 @click.argument("ref", metavar="NAME[:TAG]")
 @json_option
 @click.pass_context
-def rm(ctx: click.Context, ref: str) -> None:
-    """Remove a ref. The adapter's data stays until `gc` finds nothing pointing at it."""
-    digest = _store(ctx).remove(ref)
-    _emit(ctx, {"removed": ref, "digest": digest}, lambda: f"removed {ref} (was {digest})")
+def log(ctx: click.Context, ref: str) -> None:
+    """Show the history of a ref, newest first: when it moved, to which adapter, and by which command."""
+    import time
+
+    entries = _store(ctx).history(ref)
+
+    def text() -> str:
+        lines = []
+        for entry in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+            target = _short(entry["digest"]) if entry["digest"] else "(removed)"
+            lines.append(f"{when}  {target:<19}  {entry['operation']}")
+        return "\n".join(lines)
+
+    _emit(ctx, entries, text)
 
 
 def _certificate_text(certificate: dict[str, Any]) -> str:
@@ -379,19 +525,28 @@ def _stored_bytes(store: Store) -> int:
 def verify(ctx: click.Context, full: bool) -> None:
     """Check every blob, manifest and ref; move corrupt objects to corrupt/. Exit 1 on any problem."""
     store = _store(ctx)
-    total = _stored_bytes(store) if sys.stderr.isatty() else 0
+    total = _stored_bytes(store) if _is_terminal() else 0
     with _progress("hashing", total) as progress:
         report = store.verify(full=full, progress=progress)
 
     def text() -> str:
         lines = [
-            f"checked {report.blobs} blobs, {report.manifests} manifests, {report.refs} refs "
+            f"checked {report.blobs} {_plural(report.blobs, 'blob')}, {report.manifests} "
+            f"{_plural(report.manifests, 'manifest')}, {report.refs} {_plural(report.refs, 'ref')} "
             f"({human_size(report.hashed_bytes)} hashed)"
         ]
         lines += [f"problem: {p.kind} {p.path}: {p.message}" for p in report.problems]
         if report.stale_temp_files:
-            lines.append(f"note: {report.stale_temp_files} temp files of interrupted writers (gc removes them)")
-        lines.append("ok" if report.ok else f"{len(report.problems)} problems found")
+            count = report.stale_temp_files
+            lines.append(f"note: {count} temp {_plural(count, 'file')} of interrupted writers (gc removes them)")
+        if report.unmoved:
+            count = len(report.unmoved)
+            lines.append(
+                f"note: the store cannot be written here, so {count} corrupt {_plural(count, 'object')} stayed "
+                "in place (moving them to corrupt/ needs write access)"
+            )
+        count = len(report.problems)
+        lines.append("ok" if report.ok else f"{count} {_plural(count, 'problem')} found")
         return "\n".join(lines)
 
     _emit(ctx, report.to_json(), text)
@@ -415,7 +570,14 @@ def gc(ctx: click.Context, dry_run: bool, grace: str) -> None:
     def text() -> str:
         verb = "would remove" if dry_run else "removed"
         lines = [f"{verb} {path} ({human_size(size)})" for path, size in report.removed]
-        lines.append(f"{verb} {len(report.removed)} files, {human_size(report.freed_bytes)}")
+        count = len(report.removed)
+        lines.append(f"{verb} {count} {_plural(count, 'file')}, {human_size(report.freed_bytes)}")
+        young = report.young_manifests + report.young_blobs
+        if young:
+            lines.append(
+                f"kept {young} unreachable {_plural(young, 'object')}: no ref points at them, but the grace period "
+                f"({grace}) has not passed since they were written or unreferenced; --grace 0s removes them now"
+            )
         return "\n".join(lines)
 
     _emit(ctx, report.to_json(), text)
@@ -476,12 +638,22 @@ def check(ctx: click.Context, ref: str, base_dir: Path) -> None:
 
 def _plan_text(plan: dict[str, Any]) -> str:
     ranks = plan["ranks"]
-    rank_text = "unknown until the dense deltas are formed" if ranks is None else _span(ranks)
+    known = plan["ranks_known"]
+    rank_text = _span(ranks) if ranks is not None else "none"
+    if not known:  # the dense strategies with --energy: each rank follows from the dense delta itself
+        rank_text = "unknown until the dense deltas are formed" + (f" (known so far: {rank_text})" if ranks else "")
+    count = len(plan["weights"])
+    modules = plan["num_modules"]
+    parameters, size = plan["output_parameters"], plan["output_bytes"]
+    output = "unknown until the ranks are" if parameters is None else f"{parameters:,} parameters, {human_size(size)}"
+    flops, peak = plan["flops"], plan["peak_bytes"]
+    cost = "unknown" if flops is None else f"about {flops:.2e} FLOPs"
+    cost += "" if peak is None else f", peak about {human_size(peak)}"
     lines = [
-        f"plan: {plan['strategy']} of {len(plan['weights'])} adapters, {plan['num_modules']} modules, "
+        f"plan: {plan['strategy']} of {count} {_plural(count, 'adapter')}, {modules} {_plural(modules, 'module')}, "
         f"output ranks {rank_text}",
-        f"output: {plan['output_parameters']:,} parameters, {human_size(plan['output_bytes'])}",
-        f"cost:   about {plan['flops']:.2e} FLOPs, peak about {human_size(plan['peak_bytes'])}",
+        f"output: {output}",
+        f"cost:   {cost}",
     ]
     lines += [f"note:   {note}" for note in plan["notes"]]
     for name, module in plan["modules"].items():
@@ -550,6 +722,8 @@ def compose(
     """Blend the adapters REFS into a new adapter and store it under --tag."""
     if tag is None and not dry_run:
         raise click.UsageError("Missing option '--tag' / '-t' (needed unless --dry-run).")
+    if rank is not None and energy is not None:
+        raise click.UsageError("--rank and --energy both choose the output rank: give one of them.")
     params = {
         k: v for k, v in {"rank": rank, "energy": energy, "density": density, "seed": seed}.items() if v is not None
     }
@@ -562,15 +736,18 @@ def compose(
         _emit(ctx, plan, lambda: _plan_text(plan))
         return
     assert tag is not None
-    blended = adapterkit.compose(parents, parsed_weights, strategy, device=device, force=force, **params)
+    with _lazy_progress("composing") as progress:
+        blended = adapterkit.compose(
+            parents, parsed_weights, strategy, device=device, force=force, progress=progress, **params
+        )
     result = store.put(blended, tag)
     info = result.info
     errors = (info.get("lineage") or {}).get("truncation_error") or {}
 
     def text() -> str:
         line = (
-            f"{result.ref} {result.digest} ({strategy} of {len(refs)} adapters, "
-            f"{info['num_modules']} modules, {info['num_parameters']:,} parameters)"
+            f"{result.ref} {result.digest} ({strategy} of {len(refs)} {_plural(len(refs), 'adapter')}, "
+            f"{_modules_text(info)}){_was(result.previous)}"
         )
         if errors:
             worst = max(errors, key=errors.get)
@@ -579,7 +756,7 @@ def compose(
             )
         return line
 
-    _emit(ctx, {**info, "ref": result.ref, "new_bytes": result.new_bytes}, text)
+    _emit(ctx, {**info, "ref": result.ref, "new_bytes": result.new_bytes, "previous": result.previous}, text)
 
 
 @cli.command()
@@ -618,8 +795,9 @@ def merge(
             ctx,
             summary,
             lambda: (
-                f"plan: {len(summary['merged_tensors'])} of {summary['tensors']} tensors change, "
-                f"{summary['shards']} shards, {human_size(summary['bytes_written'])} to write to {out_dir}\n"
+                f"plan: {len(summary['merged_tensors'])} of {summary['tensors']} "
+                f"{_plural(summary['tensors'], 'tensor')} change, {summary['shards']} "
+                f"{_plural(summary['shards'], 'shard')}, {human_size(summary['bytes_written'])} to write to {out_dir}\n"
                 f"cost: about {summary['flops']:.2e} FLOPs, peak about {human_size(summary['peak_bytes'])}"
                 + "".join(f"\nwarning: {w}" for w in summary["warnings"])
             ),
@@ -634,8 +812,9 @@ def merge(
 
     def text() -> str:
         return (
-            f"merged {len(refs)} adapter{'s' if len(refs) > 1 else ''} into {report.out_dir}: "
-            f"{len(report.merged_tensors)} of {report.tensors} tensors changed, {report.shards} shards, "
+            f"merged {len(refs)} {_plural(len(refs), 'adapter')} into {report.out_dir}: "
+            f"{len(report.merged_tensors)} of {report.tensors} {_plural(report.tensors, 'tensor')} changed, "
+            f"{report.shards} {_plural(report.shards, 'shard')}, "
             f"{human_size(report.bytes_written)} written in {report.seconds:.1f} s"
         )
 
@@ -675,7 +854,7 @@ def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path
     lines = []
     for ref, item in zip(refs, report["adapters"], strict=True):
         lines.append(
-            f"{ref}: {item['num_modules']} modules, {item['num_parameters']:,} parameters, "
+            f"{ref}: {_modules_text(item)}, "
             f"ranks {_span(item['ranks'])}, "
             f"mean effective rank {item['mean_effective_rank']:.1f}, |delta| {item['frobenius_norm']:.3g}"
         )
@@ -686,7 +865,8 @@ def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path
             cosine = "n/a" if pair["cosine"] is None else f"{pair['cosine']:+.3f}"
             conflict = "n/a" if pair["sign_conflict"] is None else f"{pair['sign_conflict']:.1%}"
             lines.append(
-                f"{refs[i]} x {refs[j]}: cosine {cosine} over {pair['shared_modules']} shared modules, "
+                f"{refs[i]} x {refs[j]}: cosine {cosine} over {pair['shared_modules']} shared "
+                f"{_plural(pair['shared_modules'], 'module')}, "
                 f"sign conflicts {conflict}"
             )
     overall = report["energy"]["overall"]
@@ -697,6 +877,18 @@ def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path
     return "\n".join(lines)
 
 
+def _refuse_memory(url: str, hint: str) -> None:
+    """memory:// stores live inside one Python process: from the command line, nothing pushed there would persist."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(url).scheme == "memory":
+        raise click.BadParameter(
+            f"{url!r}: a memory:// store lives only as long as one Python process, so the command line cannot "
+            "use it; give a directory, file://, s3:// or hf:// URL",
+            param_hint=hint,
+        )
+
+
 @cli.command()
 @click.argument("ref")
 @click.argument("dest")
@@ -705,6 +897,7 @@ def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path
 def push(ctx: click.Context, ref: str, dest: str) -> None:
     """Publish the adapter REF at DEST: a store root (file:///srv/ak, s3://bucket/prefix, a path),
     optionally DEST/NAME:TAG to rename, or hf://org/repo[@branch]. Only what DEST lacks is sent."""
+    _refuse_memory(dest, "DEST")
     store = _store(ctx)
     info = store.show(ref)
     with _progress("pushing", info["size"]) as progress:
@@ -732,8 +925,10 @@ def push(ctx: click.Context, ref: str, dest: str) -> None:
 @click.pass_context
 def pull(ctx: click.Context, source: str, tag: str | None) -> None:
     """Fetch an adapter: SOURCE is REMOTE_ROOT/NAME[:TAG], REMOTE_ROOT/NAME@sha256:... or hf://org/repo[@revision]."""
+    _refuse_memory(source, "SOURCE")
     store = _store(ctx)
-    result = adapterkit.pull(store, source, tag)
+    with _byte_counter("pulling") as progress:
+        result = adapterkit.pull(store, source, tag, progress=progress)
     _emit(
         ctx,
         {
@@ -826,11 +1021,191 @@ def plugins(ctx: click.Context) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where to build the demo (a new temporary directory by default).",
 )
-def demo(workdir: Path | None) -> None:
-    """Build a tiny base model and two adapters, store, inspect, export and check them."""
+@json_option
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path | None) -> None:
+    """Build a tiny base model and two adapters, store, inspect, export and check them.
+
+    With --json, the running commentary goes to stderr and stdout gets one document: the folders
+    the demo made and the adapters in its store."""
     from adapterkit.demo import run_demo  # the demo is a client of the public API, like this CLI
 
-    run_demo(workdir, echo=click.echo)
+    as_json = _wants_json(ctx)
+    root = run_demo(workdir, echo=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
+    if as_json:
+        document = {
+            "workdir": str(root),
+            "base": str(root / "base"),
+            "store": str(root / "store"),
+            "adapters": Store(root / "store").list(),
+        }
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def _parse_budget(text: str | None) -> int | None:
+    """``--budget``: a number of parameters, with an optional k, M or G (``5M`` is 5,000,000)."""
+    if text is None:
+        return None
+    cleaned = text.strip().replace(",", "").replace("_", "")
+    scale = _SUFFIXES.get(cleaned[-1:].lower(), 1)
+    number = cleaned[:-1] if scale != 1 else cleaned
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1 or not value.is_integer():
+        raise click.BadParameter(
+            f"{text!r} is not a whole, positive number of parameters (e.g. 500000 or 5M)", param_hint="--budget"
+        )
+    return int(value)
+
+
+def _selection_text(selection: dict[str, Any]) -> str:
+    if "rank" in selection:
+        return f"at rank {selection['rank']}"
+    if "energy" in selection:
+        return f"keeping {selection['energy']:.4g} of each module's energy"
+    return f"within {selection['budget']:,} parameters"
+
+
+def _extract_plan_text(plan: dict[str, Any]) -> str:
+    ranks, params, size = plan["ranks"], plan["parameters"], plan["adapter_bytes"]
+    if params["min"] == params["max"]:
+        amount = f"{params['max']:,} parameters, {human_size(size['max'])}"
+    else:
+        amount = f"at most {params['max']:,} parameters, {human_size(size['max'])}"
+    lines = [
+        f"plan: extract {plan['num_modules']} modules {_selection_text(plan['selection'])}",
+        f"ranks:   {_span(ranks)}" + ("" if "rank" in plan["selection"] else " (decided by each module's spectrum)"),
+        f"adapter: {amount} in {plan['dtype']}",
+        f"reads:   {human_size(plan['read_bytes'])} of weights; {plan['compared_tensors']} tensors that are not "
+        "targeted are compared and reported if changed",
+    ]
+    if plan["tied_embedding"]:
+        lines.append(f"tied:    {plan['tied_embedding']} is both the input embedding and the output layer")
+    for module in plan["modules"]:
+        rank = module["rank"] if module["rank"] is not None else f"<= {module['max_rank']}"
+        lines.append(f"  {module['name']}  {module['in']}->{module['out']}  rank {rank}")
+    return "\n".join(lines)
+
+
+def _extract_text(lineage: dict[str, Any], adapter: Any, first: str) -> str:
+    errors, kept = lineage["truncation_error"], lineage["kept_energy"]
+    ranks = sorted({module.spec.r for module in adapter.modules.values()})
+    lines = [
+        f"{first} (extract {_selection_text(lineage['parameters'])}: {len(adapter.modules)} modules, "
+        f"ranks {_ranks_text(ranks)}, {adapter.num_parameters:,} parameters)"
+    ]
+    if errors:
+        worst = max(errors, key=errors.get)
+        norms = lineage["change_norm"]
+        total = sum(norm**2 for norm in norms.values())
+        overall = sum(kept[m] * norms[m] ** 2 for m in norms) / total if total else 1.0
+        lines.append(
+            f"error: max {errors[worst]:.2e} ({worst}), mean {sum(errors.values()) / len(errors):.2e}; "
+            f"kept energy: {overall:.2%} overall, min {min(kept.values()):.2%}"
+        )
+    for key in sorted(adapter.extra_tensors):
+        lines.append(f"carried in full: {key.removeprefix(adapter.key_prefix)}")
+    for name, change in lineage["left_out"].items():
+        lines.append(f"left out: {name} changed by {change:.2e} (relative), not targeted")
+    if lineage["unchanged"]:
+        lines.append(f"unchanged: {len(lineage['unchanged'])} targeted weights, not in the adapter")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option(
+    "--base", "base_dir", required=True, type=click.Path(path_type=Path), metavar="BASE_DIR", help="Base model folder."
+)
+@click.option(
+    "--tuned",
+    "tuned_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="TUNED_DIR",
+    help="Fine-tuned model folder (same architecture).",
+)
+@click.option("--rank", type=int, help="One rank for every module.")
+@click.option(
+    "--energy", type=float, help="Per module, the smallest rank keeping this fraction of its change's energy."
+)
+@click.option(
+    "--budget", metavar="PARAMS", help="Total parameters (e.g. 5M), given to the ranks that keep the most energy."
+)
+@click.option(
+    "--targets",
+    multiple=True,
+    metavar="PATTERN",
+    help="Module names or suffixes (q_proj, lm_head, all-linear), repeated or comma-separated [default: all-linear].",
+)
+@click.option(
+    "--keep-changed",
+    is_flag=True,
+    help="Carry changed tensors that are not targeted (norms, biases) in full, as modules_to_save.",
+)
+@click.option("--dtype", help="dtype of the factors (fp32, bf16, fp16) [default: fp32].")
+@click.option("--device", help="torch device for the maths, e.g. cuda [default: cpu].")
+@click.option("--content-digest", is_flag=True, help="Record the fine-tuned model's content digest (reads it again).")
+@click.option("--tag", "-t", metavar="NAME[:TAG]", help="Store the adapter under this ref.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), metavar="DIR", help="Write it as a PEFT folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan from the headers; read no weight, write nothing.")
+@json_option
+@click.pass_context
+def extract(
+    ctx: click.Context,
+    base_dir: Path,
+    tuned_dir: Path,
+    rank: int | None,
+    energy: float | None,
+    budget: str | None,
+    targets: tuple[str, ...],
+    keep_changed: bool,
+    dtype: str | None,
+    device: str | None,
+    content_digest: bool,
+    tag: str | None,
+    out_dir: Path | None,
+    dry_run: bool,
+) -> None:
+    """Turn the fine-tuned model TUNED_DIR into a LoRA adapter on BASE_DIR, streamed tensor by tensor."""
+    given = [
+        name for name, value in (("--rank", rank), ("--energy", energy), ("--budget", budget)) if value is not None
+    ]
+    if len(given) != 1:
+        raise click.UsageError("Give exactly one of --rank, --energy or --budget.")
+    if tag is None and out_dir is None and not dry_run:
+        raise click.UsageError("Missing option '--tag' or '--out' (needed unless --dry-run).")
+    patterns = [part.strip() for text in targets for part in text.split(",") if part.strip()] or None
+    options = dict(
+        rank=rank, energy=energy, budget=_parse_budget(budget), targets=patterns, keep_changed=keep_changed, dtype=dtype
+    )
+    if dry_run:
+        plan = adapterkit.plan_extraction(base_dir, tuned_dir, **options).to_json()
+        _emit(ctx, plan, lambda: _extract_plan_text(plan))
+        return
+    if out_dir is not None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise adapterkit.InvalidInputError(f"{out_dir}: already exists and is not an empty directory")
+    with _lazy_progress("extracting") as progress:
+        adapter = adapterkit.extract(
+            base_dir, tuned_dir, **options, device=device, content_digest=content_digest, progress=progress
+        )
+    assert adapter.metadata is not None
+    lineage = adapter.metadata["lineage"]
+    document: dict[str, Any] = {"digest": None, "refs": [], "lineage": lineage, "out": None}
+    firsts = []
+    if tag is not None:
+        result = _store(ctx).put(adapter, tag, message=f"extract {tuned_dir}")
+        document = {**result.info, "ref": result.ref, "new_bytes": result.new_bytes, "out": None}
+        firsts.append(f"{result.ref} {result.digest}")
+    if out_dir is not None:
+        adapterkit.write_adapter(adapter, out_dir)
+        document["out"] = str(out_dir)
+        firsts.append(f"wrote {out_dir}")
+    _emit(ctx, document, lambda: _extract_text(lineage, adapter, ", ".join(firsts)))
 
 
 def _load_plugin_commands() -> None:

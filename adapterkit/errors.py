@@ -11,6 +11,8 @@ message must stand on its own: name the file, the field or the reference that is
     │   ├── SchemaValidationError    a document fails schemas/*.schema.json
     │   ├── InvalidReferenceError    a name, tag or digest that breaks the naming rules
     │   ├── BaseModelError           a base-model folder that cannot be fingerprinted or does not fit
+    │   ├── NonFiniteError           a NaN or infinity in a tensor, or a weight whose products overflow
+    │   ├── ExtractionError          a (base, fine-tuned) pair that cannot be turned into an adapter as asked
     │   ├── ExportError              an adapter the export target cannot hold exactly (GGUF and DoRA, ...)
     │   └── CompositionError         adapters that cannot be blended as asked
     │       ├── IncompatibleAdaptersError  different bases, or one module shaped differently
@@ -36,12 +38,14 @@ __all__ = [
     "AmbiguousReferenceError",
     "BaseModelError",
     "CompositionError",
+    "ExtractionError",
     "ExportError",
     "IncompatibleAdaptersError",
     "IntegrityError",
     "InvalidInputError",
     "InvalidReferenceError",
     "MergeError",
+    "NonFiniteError",
     "PluginError",
     "RefConflictError",
     "RemoteConflictError",
@@ -92,6 +96,18 @@ class InvalidReferenceError(InvalidInputError):
 
 class BaseModelError(InvalidInputError):
     """A base-model folder cannot be read, or an adapter does not fit it."""
+
+
+class NonFiniteError(InvalidInputError):
+    """A tensor holds NaN or infinity, or a weight would make a result overflow its dtype; nothing was written.
+
+    adapterkit never stores or writes a non-finite value: one NaN in a factor spreads to every
+    entry of a module's delta, and a merged model with NaN weights loads and then emits garbage.
+    """
+
+
+class ExtractionError(InvalidInputError):
+    """A base and a fine-tuned model that cannot be turned into an adapter as asked (structure, targets, ranks)."""
 
 
 class ExportError(InvalidInputError):

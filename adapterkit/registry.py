@@ -9,6 +9,8 @@ exporting through a format. The bytes, digests, refs, gc and verify stay below, 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +18,12 @@ from adapterkit.adapter.config import ModuleSpec
 from adapterkit.adapter.metadata import build_metadata
 from adapterkit.base_model import BaseModel, open_base
 from adapterkit.errors import BaseModelError, InvalidInputError, UnknownFormatError
+from adapterkit.files.safetensors import TensorScan, scanned
 from adapterkit.formats.base import AdapterFiles, ExportResult, Format
 from adapterkit.plugins import Plugins, get_plugins
-from adapterkit.store import AdapterStore, AddResult, parse_tag_ref
+from adapterkit.store import AdapterStore, AddResult, Layer, Received, parse_tag_ref
 from adapterkit.store.documents import canonical_json
-from adapterkit.store.store import README_NAME, Progress
+from adapterkit.store.store import README_NAME, WEIGHTS_NAME, Progress
 
 if TYPE_CHECKING:
     from adapterkit.adapter.model import Adapter
@@ -60,6 +63,7 @@ class Store(AdapterStore):
         tag: str | None = None,
         *,
         base: str | os.PathLike[str] | BaseModel | None = None,
+        base_content: bool = False,
         format: str | None = None,
         message: str | None = None,
         progress: Progress | None = None,
@@ -68,15 +72,31 @@ class Store(AdapterStore):
 
         The format is the one named, else the first registered format that recognises ``path``.
         With ``base``, the base model's fingerprint is recorded and every module is checked
-        against the base's tensors. Re-adding an adapter writes nothing new and returns the
-        same digest.
+        against the base's tensors; ``base_content`` also records the base's content digest
+        (which reads every byte of the base), so that adapters for two bases of one architecture
+        but different weights are told apart. Re-adding an adapter writes nothing new and
+        returns the same digest.
+
+        A tensor holding NaN or infinity is refused (:class:`~adapterkit.errors.NonFiniteError`,
+        checked while the weights are hashed); an adapter whose every module is zero is stored,
+        with a warning.
         """
         source = Path(path)
         if tag is not None:
             parse_tag_ref(tag)  # a bad tag is refused before the adapter is read
         files = find_format(format, source, plugins=self._plugins).read(source)
-        base_model = _base_model_entry(files.config, files.modules, base)
-        return self._store(files, base_model, None, tag, message or f"add {source}", progress)
+        base_model = _base_model_entry(files.config, files.modules, base, content=base_content)
+        scan = TensorScan(files.weights_source)
+        result = self._store(files, base_model, None, tag, message or f"add {source}", progress, scan)
+        zero = scan.zero_tensors
+        prefix = files.key_prefix
+        if files.modules and all(m.a_key(prefix) in zero or m.b_key(prefix) in zero for m in files.modules):
+            warnings.warn(
+                f"adapterkit: {source}: every module's lora_B (or lora_A) is all zeros, so this adapter "
+                "changes nothing (saved before training?)",
+                stacklevel=2,
+            )
+        return result
 
     def put(self, adapter: Adapter, tag: str | None = None, *, message: str = "put") -> AddResult:
         """Store an in-memory adapter (a blend from ``compose``, or one loaded and edited).
@@ -87,7 +107,8 @@ class Store(AdapterStore):
         """
         given = adapter.metadata or {}
         files = AdapterFiles.from_adapter(adapter, source="adapter")
-        return self._store(files, given.get("base_model"), given.get("lineage"), tag, message)
+        scan = TensorScan("the adapter to store")
+        return self._store(files, given.get("base_model"), given.get("lineage"), tag, message, None, scan)
 
     def _store(
         self,
@@ -97,8 +118,13 @@ class Store(AdapterStore):
         tag: str | None,
         message: str,
         progress: Progress | None = None,
+        scan: TensorScan | None = None,
     ) -> AddResult:
-        """Build the metadata document of ``files`` and publish them; one path for ``add`` and ``put``."""
+        """Build the metadata document of ``files`` and publish them; one path for ``add`` and ``put``.
+
+        ``scan`` looks at the weights as they are hashed: a NaN or infinity is refused before the blob
+        is published, so no non-finite tensor is ever stored.
+        """
         from adapterkit.formats.peft import config_bytes
 
         metadata = build_metadata(
@@ -108,14 +134,40 @@ class Store(AdapterStore):
             safetensors_metadata=files.safetensors_metadata,
             base_model=base_model,
             lineage=lineage,
-            source=files.source,
         )
         # Serialised before anything is written: a document JSON cannot hold (NaN, Infinity) is refused up front.
         metadata_bytes = canonical_json(metadata, source=files.source)
         readme = files.files.get(README_NAME)
+        weights = files.weights() if scan is None else scanned(files.weights(), scan)
+        peft_config = config_bytes(files.config)
         return self.publish(
-            metadata_bytes, config_bytes(files.config), files.weights(), readme, tag, message, progress=progress
+            metadata_bytes, peft_config, weights, readme, tag, message, progress=progress, source=files.source
         )
+
+    def receive(
+        self,
+        manifest: bytes,
+        fetch: Callable[[Layer], Iterable[bytes]],
+        tag: str,
+        message: str,
+        *,
+        where: str = "remote",
+        inspect: Callable[[Layer, Iterable[bytes]], Iterable[bytes]] | None = None,
+    ) -> Received:
+        """The store's pull transaction (:meth:`AdapterStore.receive`), refusing a non-finite tensor in the weights.
+
+        The scan is deferred to the end of the download, so that a damaged download is reported as
+        damaged (its digest does not match) rather than as the NaN its damage may look like.
+        """
+
+        def scan_weights(layer: Layer, chunks: Iterable[bytes]) -> Iterable[bytes]:
+            if inspect is not None:
+                chunks = inspect(layer, chunks)
+            if layer.title != WEIGHTS_NAME:
+                return chunks
+            return scanned(chunks, TensorScan(f"{where}: {WEIGHTS_NAME}", defer=True))
+
+        return super().receive(manifest, fetch, tag, message, where=where, inspect=scan_weights)
 
     def get(self, ref: str) -> Adapter:
         """Load the adapter ``ref`` names into memory (every byte checked against its digest)."""
@@ -161,11 +213,17 @@ class Store(AdapterStore):
 
 
 def _base_model_entry(
-    config: dict[str, Any], modules: list[ModuleSpec], base: str | os.PathLike[str] | BaseModel | None
+    config: dict[str, Any],
+    modules: list[ModuleSpec],
+    base: str | os.PathLike[str] | BaseModel | None,
+    *,
+    content: bool = False,
 ) -> dict[str, Any] | None:
     name = config.get("base_model_name_or_path")
     revision = config.get("revision")
     if base is None:
+        if content:
+            raise InvalidInputError("recording the base's content digest needs the base model folder (--base)")
         if name is None:
             return None
         return {"name": str(name), "revision": revision, "structure_digest": None}
@@ -180,8 +238,11 @@ def _base_model_entry(
                 f"{model.path}: {key} is {list(shape)} but adapter module {module.name!r} changes a "
                 f"{list(module.base_shape)} weight"
             )
-    return {
+    entry = {
         "name": str(name) if name is not None else None,
         "revision": revision,
         "structure_digest": model.structure_digest,
     }
+    if content:
+        entry["content_digest"] = model.content_digest
+    return entry

@@ -23,7 +23,8 @@ def render() -> str:
         "# CLI reference\n",
         "Generated from `adapterkit --help` by `python docs/gen_cli_reference.py`; "
         "a test fails when it is out of date.\n",
-        "Every command accepts `--json` (before or after the command name) and prints one JSON document. "
+        "Every command accepts `--json` (before or after the command name) and prints one JSON document; "
+        'under `--json` an error is printed on stdout as `{"error": {"type": ..., "message": ...}}`. '
         "Exit codes: 0 success, 1 a reported error (one line on stderr), 2 a usage error.\n",
     ]
     commands = [("adapterkit", [])] + [

@@ -9,13 +9,21 @@ which reads the same git repositories.
   LFS files are committed as pointer files, their content under
   ``.git/lfs/objects/<oid[:2]>/<oid[2:4]>/<oid>``, as git-lfs lays them out.
 * :class:`HubServer` (a ``ThreadingHTTPServer``) is the endpoint the client talks to. It answers the write
-  routes huggingface_hub uses (``repos/create``, ``validate-yaml``, ``preupload`` (always ``regular``: the
-  content travels base64 in the commit, so neither LFS batch nor Xet is needed), the NDJSON ``commit``
+  routes huggingface_hub uses (``repos/create``, ``validate-yaml``, ``preupload``, the NDJSON ``commit``
   with its ``parentCommit`` check, ``tag`` and ``branch``) by committing with git plumbing into those
-  repos, and forwards everything else to olah. Files matching the repo's ``.gitattributes`` LFS patterns
-  are stored as LFS, like the Hub does with ``*.safetensors``.
-* It records what it received (:attr:`HubServer.commits`, :attr:`HubServer.requests`) so tests can assert
-  from the server side, e.g. that a second push sent no file bytes; and it injects faults on request
+  repos, and forwards everything else to olah.
+* Large files take the path they take on the Hub: ``preupload`` answers ``lfs`` for paths matching the
+  repo's ``.gitattributes`` LFS patterns (``*.safetensors``, ``*.bin``, ...) and for files over 10 MiB,
+  ``regular`` (base64 inside the commit) otherwise. The Git LFS batch API
+  (``POST /{repo}.git/info/lfs/objects/batch``) offers the ``basic`` transfer only: an upload action
+  (``PUT`` of the bytes to a URL signed for that object, checked against its sha256 and size) and a
+  ``verify`` action, none for an object the repo already holds; a download action per object. Commits
+  name LFS files by ``lfsFile`` lines, refused unless the object was uploaded. Reads of LFS files go
+  through olah, which answers with the LFS sha256 as ``ETag``, as the Hub does. No Xet: the
+  ``xet-write-token`` route answers 404, so a client must be told ``HF_HUB_DISABLE_XET=1``.
+* It records what it received (:attr:`HubServer.commits`, :attr:`HubServer.requests`,
+  :attr:`HubServer.lfs_uploads`) so tests can assert from the server side, e.g. that a second push sent
+  no file bytes; and it injects faults on request
   (:meth:`HubServer.fault`): a connection dropped mid-body, corrupted bytes, an error status, or a
   callback run before a commit is applied (to race another push against it).
 """
@@ -47,7 +55,17 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-__all__ = ["CommitRecord", "Fault", "GitRepo", "HubServer", "lfs_pointer"]
+__all__ = [
+    "LFS_THRESHOLD",
+    "LICENSES",
+    "VALIDATED_RULES",
+    "CommitRecord",
+    "Fault",
+    "GitRepo",
+    "HubServer",
+    "LfsUpload",
+    "lfs_pointer",
+]
 
 HOST = "127.0.0.1"
 #: The LFS rules of the Hub's default ``.gitattributes`` that matter for adapters.
@@ -64,17 +82,118 @@ _GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_CONFIG_GLOBAL": os.devnull,
 }
-_WRITE_ROUTE = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<action>preupload|commit|tag|branch)/(?P<rev>.+)")
+_WRITE_ROUTE = re.compile(
+    r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<action>preupload|commit|tag|branch|xet-write-token)/(?P<rev>.+)"
+)
+_LFS_ROUTE = re.compile(
+    r"/(?P<repo>[^/]+(?:/[^/]+)?)\.git/info/lfs/(?P<action>objects/batch|objects/[0-9a-f]{64}|verify)"
+)
+#: Files above this size go to LFS whatever their name, as on the Hub (which refuses larger regular files).
+LFS_THRESHOLD = 10 * 1024 * 1024
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
 _REPO_ID = re.compile(r"[\w.-]+(?:/[\w.-]+)?")
-#: A few of the license ids the Hub accepts in a card (it checks against its full list).
-_LICENSES = frozenset({"apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "llama3.2", "gemma", "other", "unknown"})
+#: The license ids the Hub accepts in a card: the table of huggingface/hub-docs docs/hub/repositories-licenses.md
+#: (commit 008d54d), plus the Llama 3.x ids the Hub added later (meta-llama's own cards use them). An id the Hub
+#: added after these is refused here though the Hub accepts it: add it.
+LICENSES = frozenset(
+    [
+        "apache-2.0",
+        "mit",
+        "openrail",
+        "bigscience-openrail-m",
+        "creativeml-openrail-m",
+        "bigscience-bloom-rail-1.0",
+        "bigcode-openrail-m",
+        "afl-3.0",
+        "artistic-2.0",
+        "bsl-1.0",
+        "bsd",
+        "bsd-2-clause",
+        "bsd-3-clause",
+        "bsd-3-clause-clear",
+        "c-uda",
+        "cc",
+        "cc0-1.0",
+        "cc-by-2.0",
+        "cc-by-2.5",
+        "cc-by-3.0",
+        "cc-by-4.0",
+        "cc-by-sa-3.0",
+        "cc-by-sa-4.0",
+        "cc-by-nc-2.0",
+        "cc-by-nc-3.0",
+        "cc-by-nc-4.0",
+        "cc-by-nd-4.0",
+        "cc-by-nc-nd-3.0",
+        "cc-by-nc-nd-4.0",
+        "cc-by-nc-sa-2.0",
+        "cc-by-nc-sa-3.0",
+        "cc-by-nc-sa-4.0",
+        "cdla-sharing-1.0",
+        "cdla-permissive-1.0",
+        "cdla-permissive-2.0",
+        "wtfpl",
+        "ecl-2.0",
+        "epl-1.0",
+        "epl-2.0",
+        "etalab-2.0",
+        "eupl-1.1",
+        "agpl-3.0",
+        "gfdl",
+        "gpl",
+        "gpl-2.0",
+        "gpl-3.0",
+        "lgpl",
+        "lgpl-2.1",
+        "lgpl-3.0",
+        "isc",
+        "lppl-1.3c",
+        "ms-pl",
+        "mpl-2.0",
+        "odc-by",
+        "odbl",
+        "openrail++",
+        "osl-3.0",
+        "postgresql",
+        "ofl-1.1",
+        "ncsa",
+        "unlicense",
+        "zlib",
+        "pddl",
+        "lgpl-lr",
+        "deepfloyd-if-license",
+        "llama2",
+        "gemma",
+        "unknown",
+        "other",
+        "llama3",
+        "llama3.1",
+        "llama3.2",
+        "llama3.3",
+    ]
+)
+#: What ``validate-yaml`` checks, out of what the Hub checks (its rules are not published; these are the ones
+#: its documentation states and a PEFT card can break). NOT checked here, though the Hub may refuse them:
+#: the ``model-index`` / eval results schema, ``language`` codes, ``pipeline_tag`` and ``library_name``
+#: values, whether ``base_model`` and ``datasets`` name repositories that exist, ``license_name`` /
+#: ``license_link`` with ``license: other``, ``widget`` and ``inference`` entries, tag lengths.
+VALIDATED_RULES = (
+    "the front matter is YAML and a mapping",
+    "license, if present, is one of LICENSES (a string, or a list of them)",
+    "base_model, if present and not empty, is a Hub model id or a list of them",
+    "tags, if present, is a list of strings",
+)
 
 
 def lfs_pointer(data: bytes) -> bytes:
     """The git-lfs pointer file committed in place of ``data``."""
     oid = hashlib.sha256(data).hexdigest()
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n".encode()
+
+
+def is_lfs_path(path: str, patterns: list[str]) -> bool:
+    """Whether ``path`` matches one of the ``.gitattributes`` LFS patterns (by its name or its whole path)."""
+    return any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) or fnmatch.fnmatch(path, p) for p in patterns)
 
 
 class GitError(Exception):
@@ -165,8 +284,24 @@ class GitRepo:
         match = re.match(rb"version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})", data)
         return match.group(1).decode() if match else oid
 
-    def commit(self, branch: str, parent: str | None, adds: dict[str, bytes], deletes: list[str], message: str) -> str:
-        """Commit on ``branch`` if it still points at ``parent``; raises GitError if it moved."""
+    def has_lfs_object(self, oid: str, size: int | None = None) -> bool:
+        path = self.lfs_object(oid)
+        return path.is_file() and (size is None or path.stat().st_size == size)
+
+    def commit(
+        self,
+        branch: str,
+        parent: str | None,
+        adds: dict[str, bytes],
+        deletes: list[str],
+        message: str,
+        lfs_files: dict[str, tuple[str, int]] | None = None,
+    ) -> str:
+        """Commit on ``branch`` if it still points at ``parent``; raises GitError if it moved.
+
+        ``adds`` are contents (stored as LFS when they match the LFS patterns); ``lfs_files`` name LFS
+        objects already in the repo's LFS storage by (sha256, size).
+        """
         patterns = self.lfs_patterns(parent)
         with tempfile.TemporaryDirectory(dir=self.path / ".git") as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
@@ -180,7 +315,7 @@ class GitRepo:
                 for tracked_path in tracked:
                     self.git("update-index", "--force-remove", "--", tracked_path, env=env)
             for path, content in adds.items():
-                if any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) or fnmatch.fnmatch(path, p) for p in patterns):
+                if is_lfs_path(path, patterns):
                     obj = self.lfs_object(hashlib.sha256(content).hexdigest())
                     obj.parent.mkdir(parents=True, exist_ok=True)
                     if not obj.exists():  # written aside and renamed: a concurrent reader sees all or nothing
@@ -189,6 +324,10 @@ class GitRepo:
                         os.replace(staged, obj)
                     content = lfs_pointer(content)
                 oid = self.git("hash-object", "-w", "--stdin", data=content)
+                self.git("update-index", "--add", "--cacheinfo", f"100644,{oid},{path}", env=env)
+            for path, (sha256, size) in (lfs_files or {}).items():
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+                oid = self.git("hash-object", "-w", "--stdin", data=pointer)
                 self.git("update-index", "--add", "--cacheinfo", f"100644,{oid},{path}", env=env)
             tree = self.git("write-tree", env=env)
         args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
@@ -209,13 +348,24 @@ class CommitRecord:
     branch: str
     oid: str
     parent: str
-    #: path -> number of content bytes received for it (base64-decoded)
+    #: path -> number of content bytes the commit itself carried for it (base64-decoded; 0 for an LFS file)
     files: dict[str, int]
     deleted: list[str]
+    #: path -> sha256 of the files the commit named by an ``lfsFile`` line (their bytes came by LFS upload)
+    lfs: dict[str, str] = field(default_factory=dict)
 
     @property
     def received_bytes(self) -> int:
         return sum(self.files.values())
+
+
+@dataclass(frozen=True)
+class LfsUpload:
+    """One object received by an LFS ``basic`` upload (a PUT)."""
+
+    repo_id: str
+    oid: str
+    size: int
 
 
 @dataclass
@@ -240,6 +390,7 @@ class _State:
     commits: list[CommitRecord] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    lfs_uploads: list[LfsUpload] = field(default_factory=list)
 
 
 class HubServer:
@@ -256,6 +407,8 @@ class HubServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._olah: subprocess.Popen[bytes] | None = None
         self.olah_port = 0
+        #: signature -> (repo, oid, size) of the upload URLs the batch API handed out (like presigned URLs)
+        self._signed: dict[str, tuple[str, str, int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -337,6 +490,17 @@ class HubServer:
     def requests(self) -> list[tuple[str, str]]:
         return self.state.requests
 
+    @property
+    def lfs_uploads(self) -> list[LfsUpload]:
+        return self.state.lfs_uploads
+
+    def lfs_objects(self, repo_id: str) -> list[Path]:
+        """Every object in the repository's LFS storage."""
+        repo = self.repo(repo_id)
+        assert repo is not None, repo_id
+        root = repo.path / ".git" / "lfs" / "objects"
+        return sorted(p for p in root.glob("*/*/*") if p.is_file()) if root.is_dir() else []
+
     def reset(self) -> None:
         """Forget recorded commits, requests and pending faults (the repositories stay)."""
         with self._lock:
@@ -402,6 +566,18 @@ class HubServer:
             return self._repo_locks.setdefault(repo_id, threading.Lock())
 
 
+def _is_repo_id(value: object) -> bool:
+    """A repository id by the Hub's rules, as huggingface_hub checks them (``validate_repo_id``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)  # type: ignore[arg-type]
+    except (HFValidationError, TypeError):
+        return False
+    return isinstance(value, str)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -434,8 +610,26 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing ------------------------------------------------------------------------------------------
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        return b"".join(self._body_chunks())
+
+    def _body_chunks(self) -> Iterator[bytes]:
+        """The request body in pieces, sent with a Content-Length or chunked."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return
+                yield self.rfile.read(size)
+                self.rfile.readline()
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
 
     def _send(self, status: int, payload: Any = None, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload if payload is not None else {}).encode()
@@ -464,8 +658,10 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 self._proxy(path)
             else:
-                self._check_token()
-                route()
+                handler, needs_token = route
+                if needs_token:
+                    self._check_token()
+                handler()
         except _Reply as reply:
             headers = {"X-Error-Message": reply.message}
             if reply.code:
@@ -474,11 +670,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
-    def _route(self, path: str) -> Callable[[], None] | None:
+    def _route(self, path: str) -> tuple[Callable[[], None], bool] | None:
+        """(handler, whether it needs the write token) for the routes served here; None for olah's."""
         if self.command == "POST" and path == "/api/repos/create":
-            return self._create_repo
+            return self._create_repo, True
         if self.command == "POST" and path == "/api/validate-yaml":
-            return self._validate_yaml
+            return self._validate_yaml, True
+        lfs = _LFS_ROUTE.fullmatch(path)
+        if lfs is not None:
+            repo_id, action = lfs.group("repo"), lfs.group("action")
+            if self.command == "POST" and action == "objects/batch":
+                return (lambda: self._lfs_batch(repo_id)), False  # the token is checked for uploads only
+            if self.command == "POST" and action == "verify":
+                return (lambda: self._lfs_verify(repo_id)), True
+            oid = action.removeprefix("objects/")
+            if self.command == "PUT" and oid != action:
+                return (lambda: self._lfs_put(repo_id, oid)), False  # signed URL, as the Hub's presigned ones
+            if self.command == "GET" and oid != action:
+                return (lambda: self._lfs_get(repo_id, oid)), False
+            return None
         match = _WRITE_ROUTE.fullmatch(path)
         if match is None:
             return None
@@ -489,9 +699,10 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", "tag"): self._create_tag,
             ("DELETE", "tag"): self._delete_tag,
             ("POST", "branch"): self._create_branch,
+            ("GET", "xet-write-token"): self._no_xet,
         }
         handler = handlers.get((self.command, action))
-        return None if handler is None else (lambda: handler(repo_id, rev))
+        return None if handler is None else ((lambda: handler(repo_id, rev)), True)
 
     def _check_token(self) -> None:
         token = self.hub.require_token
@@ -536,12 +747,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(data, dict):
             errors.append({"message": "metadata must be a mapping"})
             data = {}
-        bases = data.get("base_model")
-        for base in bases if isinstance(bases, list) else [bases] if bases is not None else []:
-            if not isinstance(base, str) or not _REPO_ID.fullmatch(base):
+        bases = data.get("base_model") or []  # '' and null (PEFT writes '' for a model without a name) as absent
+        for base in bases if isinstance(bases, list) else [bases]:
+            if not _is_repo_id(base):
                 errors.append({"message": f'"base_model" must be a Hub model id, got {base!r}'})
-        if "license" in data and data["license"] not in _LICENSES:
-            errors.append({"message": f'"license" must be one of the Hub\'s license ids, got {data["license"]!r}'})
+        if "license" in data:
+            licenses = data["license"] if isinstance(data["license"], list) else [data["license"]]
+            for license_id in licenses:
+                if license_id not in LICENSES:
+                    errors.append({"message": f'"license" must be one of the Hub\'s license ids, got {license_id!r}'})
         if "tags" in data and not (isinstance(data["tags"], list) and all(isinstance(t, str) for t in data["tags"])):
             errors.append({"message": '"tags" must be a list of strings'})
         if errors:
@@ -555,10 +769,13 @@ class _Handler(BaseHTTPRequestHandler):
         head = repo.resolve(rev)
         if head is None:
             raise _Reply(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        patterns = repo.lfs_patterns(head)
         files = [
             {
                 "path": item["path"],
-                "uploadMode": "regular",
+                "uploadMode": "lfs"
+                if is_lfs_path(item["path"], patterns) or int(item.get("size") or 0) > LFS_THRESHOLD
+                else "regular",
                 "shouldIgnore": False,
                 "oid": repo.remote_oid(head, item["path"]),
             }
@@ -571,6 +788,7 @@ class _Handler(BaseHTTPRequestHandler):
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
         header = next((line["value"] for line in lines if line.get("key") == "header"), {})
         adds: dict[str, bytes] = {}
+        lfs_files: dict[str, tuple[str, int]] = {}
         deletes: list[str] = []
         for line in lines:
             key, value = line.get("key"), line.get("value", {})
@@ -578,10 +796,17 @@ class _Handler(BaseHTTPRequestHandler):
                 if value.get("encoding") != "base64":
                     raise _Reply(400, "only base64 file content is supported")
                 adds[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                oid, size = value.get("oid", ""), value.get("size")
+                if value.get("algo") != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", oid):
+                    raise _Reply(400, f"lfsFile {value.get('path')!r}: expected a sha256 oid")
+                if not repo.has_lfs_object(oid, size):
+                    raise _Reply(422, f"lfsFile {value.get('path')!r}: LFS object {oid} was not uploaded")
+                lfs_files[value["path"]] = (oid, repo.lfs_object(oid).stat().st_size)
             elif key in ("deletedFile", "deletedFolder"):
                 deletes.append(value["path"])
-            elif key in ("lfsFile", "copyFile"):
-                raise _Reply(400, f"{key} is not supported by this test Hub (preupload answers 'regular')")
+            elif key == "copyFile":
+                raise _Reply(400, f"{key} is not supported by this test Hub")
         with self.hub._repo_lock(repo_id):
             head = repo.branch_head(branch)
             if head is None:
@@ -591,10 +816,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Reply(412, "A commit has happened since. Please refresh and try again.")
             message = "\n\n".join(p for p in (header.get("summary"), header.get("description")) if p) or "commit"
             try:
-                oid = repo.commit(branch, head, adds, deletes, message)
+                oid = repo.commit(branch, head, adds, deletes, message, lfs_files)
             except GitError as exc:  # update-ref lost a race the lock should have prevented
                 raise _Reply(412, f"A commit has happened since. Please refresh and try again. ({exc})") from None
-            record = CommitRecord(repo_id, branch, oid, head, {p: len(d) for p, d in adds.items()}, deletes)
+            sizes = {p: len(d) for p, d in adds.items()} | dict.fromkeys(lfs_files, 0)
+            lfs = {p: sha for p, (sha, _) in lfs_files.items()}
+            record = CommitRecord(repo_id, branch, oid, head, sizes, deletes, lfs)
         with self.hub._lock:
             self.hub.state.commits.append(record)
         self._send(
@@ -638,6 +865,103 @@ class _Handler(BaseHTTPRequestHandler):
             except GitError:
                 raise _Reply(409, f"Branch {branch} already exists") from None
         self._send(200, {})
+
+    # -- Git LFS: the batch API, basic transfer -------------------------------------------------------------
+
+    def _lfs_reply(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/vnd.git-lfs+json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _lfs_batch(self, repo_id: str) -> None:
+        """The Git LFS batch API: which objects to PUT (and verify), or where to GET them, for the basic transfer."""
+        repo = self._repo(repo_id)
+        request = json.loads(self._body() or b"{}")
+        operation = request.get("operation")
+        if operation == "upload":
+            self._check_token()
+        elif operation != "download":
+            raise _Reply(422, f"unknown LFS operation {operation!r}")
+        if "basic" not in request.get("transfers", ["basic"]):
+            raise _Reply(422, "this server offers the 'basic' LFS transfer only")
+        objects = []
+        base = f"{self.hub.endpoint}/{repo_id}.git/info/lfs"
+        for item in request.get("objects", []):
+            oid, size = str(item.get("oid", "")), item.get("size")
+            entry: dict[str, Any] = {"oid": oid, "size": size}
+            if not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int) or size < 0:
+                entry["error"] = {"code": 422, "message": "invalid object"}
+            elif operation == "download":
+                if repo.has_lfs_object(oid, size):
+                    entry["actions"] = {"download": {"href": f"{base}/objects/{oid}", "header": {}}}
+                else:
+                    entry["error"] = {"code": 404, "message": "Object does not exist"}
+            elif not repo.has_lfs_object(oid, size):  # an object the repo holds needs no action: nothing is sent
+                signature = hashlib.sha256(os.urandom(16)).hexdigest()
+                with self.hub._lock:
+                    self.hub._signed[signature] = (repo_id, oid, size)
+                entry["authenticated"] = True
+                entry["actions"] = {
+                    "upload": {"href": f"{base}/objects/{oid}?signature={signature}", "header": {}},
+                    "verify": {"href": f"{base}/verify", "header": {}},
+                }
+            objects.append(entry)
+        self._lfs_reply(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+
+    def _lfs_put(self, repo_id: str, oid: str) -> None:
+        """Receive one object at the URL the batch API signed for it; keep it only if its sha256 and size match."""
+        signature = dict(p.split("=", 1) for p in urlsplit(self.path).query.split("&") if "=" in p).get("signature")
+        with self.hub._lock:
+            signed = self.hub._signed.get(signature or "")
+        if signed is None or signed[:2] != (repo_id, oid):
+            self._body()
+            raise _Reply(403, "upload URL not signed for this object")
+        repo = self._repo(repo_id)
+        target = repo.lfs_object(oid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        hasher, size = hashlib.sha256(), 0
+        fd, staging = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in self._body_chunks():
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    fh.write(chunk)
+            if hasher.hexdigest() != oid or size != signed[2]:
+                raise _Reply(400, f"received {size} bytes with sha256 {hasher.hexdigest()}, expected {oid}")
+            os.replace(staging, target)  # a concurrent reader sees all or nothing
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+        with self.hub._lock:
+            self.hub._signed.pop(signature or "", None)
+            self.hub.state.lfs_uploads.append(LfsUpload(repo_id, oid, size))
+        self._send(200, {})
+
+    def _lfs_verify(self, repo_id: str) -> None:
+        repo = self._repo(repo_id)
+        request = json.loads(self._body() or b"{}")
+        if not repo.has_lfs_object(str(request.get("oid", "")), request.get("size")):
+            raise _Reply(404, "Object does not exist")
+        self._send(200, {})
+
+    def _lfs_get(self, repo_id: str, oid: str) -> None:
+        repo = self._repo(repo_id)
+        if not repo.has_lfs_object(oid):
+            raise _Reply(404, "Object does not exist")
+        data = repo.lfs_object(oid).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _no_xet(self, repo_id: str, rev: str) -> None:
+        """This server has no Xet storage (no write token to give): a client must use LFS."""
+        raise _Reply(404, "Xet storage is not enabled on this server")
 
     # -- reads: olah ---------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ PACKAGE = ROOT / "adapterkit"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version"),
     ("params", "schema", "hookspecs", "files"),
-    ("adapter",),
+    ("adapter", "base_identity", "devices", "weighting"),
     ("store", "base_model"),
     ("strategies", "formats", "remotes", "default_plugins"),
     ("plugins",),

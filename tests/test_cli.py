@@ -108,7 +108,8 @@ def test_registry_commands_do_not_import_torch(store: Path) -> None:
     probe = (
         "import sys\n"
         "from adapterkit.cli import cli\n"
-        "for args in (['list'], ['show', 'team/a:v1'], ['verify'], ['tag', 'team/a:v1', 'team/c'], ['gc']):\n"
+        "for args in (['list'], ['list', 'team/*'], ['show', 'team/a:v1'], ['verify'],\n"
+        "             ['tag', 'team/a:v1', 'team/c'], ['log', 'team/c'], ['rm', 'team/c'], ['gc']):\n"
         "    cli.main(['--store', sys.argv[1], *args], standalone_mode=False)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "assert 'transformers' not in sys.modules\n"
@@ -212,3 +213,18 @@ def test_a_warning_inside_a_command_is_one_clean_line(
         notice.strip(),
         f"Error: no adapter team/nope:latest on {tmp_path / 'remote'}",
     ]
+
+
+def test_running_out_of_memory_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError (an adapter or model larger than the machine) is reported like any error: one line, exit 1."""
+    import adapterkit
+
+    def exhausted(*_args: object, **_kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(adapterkit.Store, "list", exhausted)
+    result = CliRunner().invoke(cli, ["--store", str(tmp_path / "store"), "list"])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: out of memory: the adapters or the model do not fit in this machine's RAM\n"
+    as_json = CliRunner().invoke(cli, ["--store", str(tmp_path / "store"), "--json", "list"])
+    assert json.loads(as_json.stdout)["error"]["type"] == "MemoryError"

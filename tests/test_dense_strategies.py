@@ -14,7 +14,7 @@ from adapterkit.strategies import _dense
 from adapterkit.strategies._dense import DareMask, magnitude_thresholds
 from adapterkit.strategies.base import ModuleInput
 from adapterkit.strategies.dare import dare_linear, dare_ties
-from adapterkit.strategies.lowrank import derive_seed
+from adapterkit.strategies.lowrank import ELECT_ON, derive_seed
 from adapterkit.strategies.prune import magnitude_prune
 from adapterkit.strategies.ties import ties
 
@@ -41,11 +41,15 @@ def trimmed(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * (delta.abs() >= threshold)
 
 
-def ties_reference(parts: list[torch.Tensor], weights: list[float], method: str) -> torch.Tensor:
-    votes = torch.stack(parts).sum(0) if method == "total" else torch.stack([p.sign() for p in parts]).sum(0)
+def ties_reference(
+    parts: list[torch.Tensor], weights: list[float], method: str, elect_on: str = "weighted"
+) -> torch.Tensor:
+    """TIES' election and disjoint mean: on ``w_i D_i'`` (the paper, mergekit), or on ``D_i'`` (PEFT)."""
+    voters = [w * p for w, p in zip(weights, parts, strict=True)] if elect_on == "weighted" else parts
+    votes = torch.stack(voters).sum(0) if method == "total" else torch.stack([v.sign() for v in voters]).sum(0)
     sign = votes.sign()
     sign[sign == 0] = 1
-    agree = [(p.sign() == sign) & (p != 0) for p in parts]
+    agree = [(v.sign() == sign) & (v != 0) for v in voters]
     total = sum(torch.where(a, w * p, 0.0) for a, w, p in zip(agree, weights, parts, strict=True))
     return total / torch.stack(agree).sum(0).clamp(min=1)
 
@@ -78,12 +82,32 @@ def test_threshold_falls_back_when_the_sample_brackets_wrongly(monkeypatch: pyte
     assert magnitude_thresholds([(A, B)], 0.5) == [expected]
 
 
+@pytest.mark.parametrize("elect_on", ["weighted", "unweighted"])
 @pytest.mark.parametrize("method", ["total", "frequency"])
-def test_ties_equals_the_whole_matrix_reference(method: str) -> None:
+def test_ties_equals_the_whole_matrix_reference(method: str, elect_on: str) -> None:
     m = module()
-    expected = ties_reference([trimmed(d, 0.4) for d in deltas(m)], WEIGHTS, method)
-    full = ties(m, density=0.4, majority_sign_method=method, rank=OUT)  # a full-rank "truncation" keeps everything
+    expected = ties_reference([trimmed(d, 0.4) for d in deltas(m)], WEIGHTS, method, elect_on)
+    # a full-rank "truncation" keeps everything
+    full = ties(m, density=0.4, majority_sign_method=method, elect_on=elect_on, rank=OUT)
     assert rel(dense(full), expected) <= 1e-10
+    flipped = ELECT_ON[1 - ELECT_ON.index(elect_on)]
+    other = ties_reference([trimmed(d, 0.4) for d in deltas(m)], WEIGHTS, method, flipped)
+    assert rel(other, expected) > 0.1  # the two elections differ here (WEIGHTS has a negative weight)
+
+
+@pytest.mark.parametrize("strategy", [ties, dare_ties])
+def test_a_negatively_weighted_parent_votes_with_its_weighted_sign(strategy: object) -> None:
+    """Issue 13's example: D_A = +1 at w = +1 and D_B = +0.2 at w = -1 give 1.0 (the TIES paper, mergekit).
+
+    PEFT's election on the unweighted deltas elects + and then adds B against it: (1 - 0.2) / 2 = 0.4.
+    """
+    ones_a, ones_b = torch.ones(1, 6, dtype=torch.float64), torch.ones(5, 1, dtype=torch.float64)
+    m = ModuleInput(name="m", factors=[(ones_a, ones_b), (0.2 * ones_a, ones_b)], weights=[1.0, -1.0], ranks=[1, 1])
+    params = {"density": 1.0, "rank": 5} | ({"seed": 0} if strategy is dare_ties else {})
+    weighted = dense(strategy(m, **params))  # type: ignore[operator]
+    assert torch.allclose(weighted, torch.full((5, 6), 1.0, dtype=torch.float64), rtol=0, atol=1e-12)
+    peft = dense(strategy(m, elect_on="unweighted", **params))  # type: ignore[operator]
+    assert torch.allclose(peft, torch.full((5, 6), 0.4, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_magnitude_prune_equals_the_whole_matrix_reference() -> None:
@@ -103,7 +127,7 @@ def test_dare_equals_the_whole_matrix_reference(strategy: object) -> None:
     if strategy is dare_linear:
         expected = sum(w * d for w, d in zip(WEIGHTS, dropped, strict=True))
     else:
-        expected = ties_reference(dropped, WEIGHTS, "total")
+        expected = ties_reference(dropped, WEIGHTS, "total", "weighted")
     result = strategy(m, density=density, seed=seed, rank=OUT)  # type: ignore[operator]
     assert rel(dense(result), expected) <= 1e-10
 
@@ -155,3 +179,5 @@ def test_called_directly_a_strategy_still_refuses_an_unknown_sign_method() -> No
     """compose checks parameters first; a caller of the pure function gets the same refusal."""
     with pytest.raises(ValueError, match="'majority_sign_method' must be one of 'total', 'frequency', got 'mean'"):
         ties(module(), majority_sign_method="mean")
+    with pytest.raises(ValueError, match="'elect_on' must be one of 'weighted', 'unweighted', got 'peft'"):
+        dare_ties(module(), elect_on="peft")

@@ -28,8 +28,7 @@ Normalization, the only differences allowed between the output shown and the out
 What the page says about those servers is set up here: the S3 buckets its commands name exist, the
 Hub takes writes only with the token the page exports and holds some-org/some-peft-adapter, a PEFT
 adapter tagged v1.0. docs/plugins.md: its example plugin is installed first (see ``_plugins_setup``).
-If a server cannot start, the blocks that need it are not run and the test is skipped (after
-checking everything else).
+A server that cannot start fails the test.
 
 Digests, sizes, counts and everything else must match exactly.
 """
@@ -130,8 +129,6 @@ class Session:
     env: dict[str, str]
     #: doc text -> what it stands for in this run (replaced in commands; reversed in output)
     subs: dict[str, str] = field(default_factory=dict)
-    #: (predicate on a block's text, reason): blocks not run, e.g. when a server could not start
-    skip: list[tuple[Callable[[str], bool], str]] = field(default_factory=list)
     #: where the shell starts (default: workdir)
     cwd: Path | None = None
 
@@ -139,7 +136,6 @@ class Session:
 @dataclass
 class Outcome:
     problems: list[str]
-    skipped: dict[str, list[int]]
     env: dict[str, str]
     cwd: str
 
@@ -173,15 +169,9 @@ def run_session(session: Session, doc_steps: list[Step]) -> Outcome:
     scratch = session.scratch
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "run_doctest.py").write_text(DOCTEST_RUNNER, "utf-8")
-    skipped: dict[str, list[int]] = {}  # reason -> lines of the commands not run
     script = ["exec 2>&1 </dev/null", f"cd {_q(session.cwd or session.workdir)}"]
     ran: list[tuple[int, Step]] = []
-    blocks_text = {b_index: b.text for b_index, b in enumerate(blocks(read(session.doc)))}
     for index, step in enumerate(doc_steps):
-        reason = next((r for pred, r in session.skip if pred(blocks_text[step.block])), None)
-        if reason is not None:
-            skipped.setdefault(reason, []).append(step.line)
-            continue
         if step.doctest:
             block = scratch / f"block-{index}.txt"
             block.write_text(step.command, "utf-8")
@@ -231,7 +221,7 @@ def run_session(session: Session, doc_steps: list[Step]) -> Outcome:
             if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 env[key] = value
     cwd = (scratch / "cwd").read_text().strip() if (scratch / "cwd").exists() else str(session.workdir)
-    return Outcome(problems, skipped, env, cwd)
+    return Outcome(problems, env, cwd)
 
 
 def _q(value: object) -> str:
@@ -281,26 +271,24 @@ def _export(text: str, variable: str) -> str | None:
 
 
 def _remotes_setup(session: Session, stack: contextlib.ExitStack) -> None:
-    """docs/remotes.md: an S3 server (moto) and a Hub (olah + the write front-end) on 127.0.0.1."""
+    """docs/remotes.md: an S3 server (moto) and a Hub (olah + the write front-end) on 127.0.0.1.
+
+    Both are test dependencies: a server that cannot start fails the test (the page's commands would
+    otherwise go unchecked while the suite stays green).
+    """
     text = read(session.doc)
     s3_endpoint = _export(text, "AWS_ENDPOINT_URL")
     if s3_endpoint is not None:
-        try:
-            session.subs[s3_endpoint] = _start_s3(text, stack)
-        except Exception as exc:  # no moto/s3fs, or it would not start
-            session.skip.append((lambda block: "s3://" in block, f"no local S3 server: {exc!r}"))
+        session.subs[s3_endpoint] = _start_s3(text, stack)
     hub_endpoint = _export(text, "HF_ENDPOINT")
     if hub_endpoint is not None:
-        try:
-            session.subs[hub_endpoint] = _start_hub(text, session.scratch / "hub", stack)
-        except Exception as exc:  # no olah or git, or it would not start
-            session.skip.append((lambda block: "hf://" in block, f"no local Hub server: {exc!r}"))
+        session.subs[hub_endpoint] = _start_hub(text, session.scratch / "hub", stack)
 
 
 def _start_s3(text: str, stack: contextlib.ExitStack) -> str:
     """moto's server on a free port, with the buckets the page's commands name (a push makes no bucket)."""
     import boto3
-    import s3fs  # noqa: F401  (what adapterkit's s3:// remote needs: without it, skip as test_remote_fsspec does)
+    import s3fs  # noqa: F401  (what adapterkit's s3:// remote needs)
     from s3_server import S3TestServer
 
     server = S3TestServer()
@@ -421,9 +409,6 @@ def test_doc_commands_print_what_the_doc_shows(
     if problems:
         message = f"{len(problems)} command(s) in {doc} do not print what it shows:\n\n" + "\n\n".join(problems)
         pytest.fail(message, pytrace=False)
-    if outcome.skipped:
-        not_run = "; ".join(f"lines {', '.join(map(str, lines))} ({why})" for why, lines in outcome.skipped.items())
-        pytest.skip(f"everything else in {doc} passed; not run: {not_run}")
 
 
 @pytest.mark.parametrize("doc", DOCS)

@@ -157,6 +157,31 @@ def test_two_adapters_give_the_weighted_sum_of_their_deltas(llama: Case, tmp_pat
     assert max_abs_diff(logits(load_merged(tmp_path / "out")), logits(reference)) <= 1e-5
 
 
+def test_weighted_merge_of_two_adapters_equals_peft_cat_then_merge_and_unload(llama: Case, tmp_path: Path) -> None:
+    """PEFT itself as the reference for a weighted multi-adapter merge: both adapters loaded into one PeftModel,
+    ``add_weighted_adapter(..., combination_type="cat")`` (PEFT's exact weighted sum, rank r1 + r2), then
+    ``merge_and_unload``. The adapters differ in rank, alpha, rsLoRA and targets; one weight is negative.
+
+    PEFT's cat gives the new adapter adapter 0's ``use_rslora`` with alpha = r, so with the rsLoRA adapter first
+    its scaling would be sqrt(r) instead of 1 (a PEFT defect): the plain adapter goes first.
+    """
+    from peft import PeftModel
+
+    folders, weights = [llama.loras["attn"], llama.loras["mixed"]], [0.7, -0.3]
+    merge([read_adapter(f) for f in folders], weights, llama.base, tmp_path / "out")
+    peft = PeftModel.from_pretrained(copy.deepcopy(llama.model), folders[0], adapter_name="a0")
+    peft.load_adapter(folders[1], adapter_name="a1")
+    peft.add_weighted_adapter(["a0", "a1"], weights, "blend", combination_type="cat")
+    peft.set_adapter("blend")
+    reference = peft.merge_and_unload().eval()
+    ours = load_merged(tmp_path / "out")
+    assert max_abs_diff(logits(ours), logits(reference)) <= 1e-5
+    assert max_abs_diff(logits(reference), logits(llama.model)) > 0.1  # the blend changes the model
+    expected = reference.state_dict()
+    for key, value in tensors_of(tmp_path / "out").items():
+        assert max_abs_diff(value, expected[key]) <= 1e-6, key
+
+
 def test_bfloat16_base_matches_peft_within_bf16_rounding(llama: Case, tmp_path: Path) -> None:
     save_base(copy.deepcopy(llama.model).to(torch.bfloat16), tmp_path / "base16", max_shard_size=SHARD)
     adapter = read_adapter(llama.loras["embed"])
@@ -286,10 +311,53 @@ def test_progress_is_called_per_tensor(llama: Case, tmp_path: Path) -> None:
     )
 
 
-def test_plan_reports_without_writing(llama: Case, tmp_path: Path) -> None:
-    plan = build_plan([read_adapter(llama.loras["mixed"])], [0.5], llama.base)
-    assert sorted(plan.targets) == sorted(f"{n}.weight" for n in read_adapter(llama.loras["mixed"]).modules)
+def test_plan_reports_without_writing(
+    llama: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, snapshot: Any
+) -> None:
+    """plan_merge (and merge --dry-run) open nothing for writing, anywhere, and leave the base as it was."""
+    import builtins
+    import io
+
+    adapter = read_adapter(llama.loras["mixed"])
+    writes: list[str] = []
+    real_os_open, real_open = os.open, builtins.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & write_flags:
+            writes.append(f"os.open({path!r}, {flags:#o})")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if any(c in mode for c in "wax+"):
+            writes.append(f"open({file!r}, {mode!r})")
+        return real_open(file, mode, *args, **kwargs)
+
+    before = snapshot(llama.base)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    plan = build_plan([adapter], [0.5], llama.base)
+    monkeypatch.undo()
+    assert writes == []
+    assert snapshot(llama.base) == before and list(tmp_path.iterdir()) == []
+    assert sorted(plan.targets) == sorted(f"{n}.weight" for n in adapter.modules)
     assert plan.weights == [0.5] and plan.total_bytes > 0
+
+    from click.testing import CliRunner
+
+    from adapterkit import Store
+    from adapterkit.cli import cli
+
+    store = Store(tmp_path / "store")
+    store.add(llama.loras["mixed"], "mixed")
+    stored = snapshot(store.root)
+    out = tmp_path / "out"
+    args = ["--store", str(store.root), "merge", "mixed", "-w", "0.5", "--base", str(llama.base), "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not out.exists() and snapshot(store.root) == stored and snapshot(llama.base) == before
 
 
 # --- refusals: clear error, nothing written ----------------------------------------------------------------------

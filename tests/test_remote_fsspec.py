@@ -9,7 +9,11 @@ flight, a body cut off mid-stream, a server that goes away mid-pull, two pushes 
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -548,19 +552,35 @@ def test_s3_server_gone_mid_pull(
 def test_a_push_that_loses_the_race_gets_a_conflict(
     remote: RemoteRoot, tmp_path: Path, make_adapter: Callable[..., Path]
 ) -> None:
-    """Push B runs to completion in the middle of push A (after A read the remote ref): A must not win."""
+    """Push B runs to completion in the middle of push A (after A read the remote ref): A must not win.
+
+    B is `adapterkit push` in a process of its own, except on memory://, which no other process can see.
+    """
     a, c, b = Store(tmp_path / "a"), Store(tmp_path / "c"), Store(tmp_path / "b")
     first = a.add(make_adapter("first", seed=1), REF).digest
     second = c.add(make_adapter("second", seed=2), REF).digest
-    raced: list[TransferResult] = []
+    raced: list[str] = []
 
     def race(_n: int) -> None:
-        if not raced:
-            raced.append(push(c, REF, remote.url))
+        if raced:
+            return
+        if remote.kind == "memory":
+            raced.append(push(c, REF, remote.url).digest)
+            return
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONWARNINGS": "ignore"}
+        other = subprocess.run(
+            [sys.executable, "-m", "adapterkit", "--store", str(c.root), "push", REF, remote.url],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert other.returncode == 0 and other.stderr == "", other.stderr
+        raced.append(other.stdout.split()[1])  # "pushed DIGEST to ..."
 
     with pytest.raises(RemoteConflictError, match=f"moved to {second} while this push ran"):
         push(a, REF, remote.url, progress=race)
-    assert raced[0].digest == second
+    assert raced == [second]
     assert remote.read("refs/org/model/_tags/v1") == f"{second}\n".encode()
     assert pull(b, f"{remote.url}/{REF}").digest == second
     assert b.verify(full=True).ok
@@ -570,33 +590,60 @@ def test_a_push_that_loses_the_race_gets_a_conflict(
     assert remote.read("refs/org/model/_tags/v1") == f"{first}\n".encode()
 
 
+#: A push in a process of its own: ready (adapterkit imported, store opened), it waits for the go file, pushes,
+#: and prints the outcome as JSON; anything but a win or a RemoteConflictError is a traceback and exit 1.
+_PUSH_ON_GO = """
+import json, os, sys, time
+from adapterkit.errors import RemoteConflictError
+from adapterkit import Store
+from adapterkit.sync import push
+root, ref, url, ready, go = sys.argv[1:6]
+store = Store(root)
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+try:
+    print(json.dumps({"won": push(store, ref, url).digest}))
+except RemoteConflictError as exc:
+    print(json.dumps({"conflict": str(exc)}))
+"""
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["file", "s3"])
 def test_concurrent_pushes_leave_one_consistent_winner(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest, make_adapter: Callable[..., Path]
 ) -> None:
+    """Six pushes of different adapters to one ref, each in its own process, released at the same moment."""
     remote = _root(kind, tmp_path, request)
     pushers = []
     for i in range(6):
         store = Store(tmp_path / f"s{i}")
         pushers.append((store, store.add(make_adapter(f"m{i}", seed=10 + i), REF).digest))
-    barrier = threading.Barrier(len(pushers))
-    outcomes: dict[str, BaseException | TransferResult] = {}
-
-    def run(store: Store, digest: str) -> None:
-        barrier.wait()
-        try:
-            outcomes[digest] = push(store, REF, remote.url)
-        except BaseException as exc:
-            outcomes[digest] = exc
-
-    threads = [threading.Thread(target=run, args=p) for p in pushers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    won = {d for d, o in outcomes.items() if isinstance(o, TransferResult)}
-    lost = {d: o for d, o in outcomes.items() if not isinstance(o, TransferResult)}
-    assert won and all(isinstance(o, RemoteConflictError) for o in lost.values()), [str(o) for o in lost.values()]
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    processes = []
+    for i, (store, _) in enumerate(pushers):
+        ready = tmp_path / f"ready{i}"
+        command = [sys.executable, "-c", _PUSH_ON_GO, str(store.root), REF, remote.url, str(ready), str(go)]
+        processes.append((ready, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)))
+    deadline = time.monotonic() + 120
+    while not all(ready.exists() for ready, _ in processes):
+        assert time.monotonic() < deadline and all(p.poll() is None for _, p in processes), "a pusher did not start"
+        time.sleep(0.01)
+    go.touch()
+    outcomes = []
+    for _, process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.decode()
+        outcomes.append(json.loads(out))
+    won = {o["won"] for o in outcomes if "won" in o}
+    lost = [o["conflict"] for o in outcomes if "conflict" in o]
+    print(f"{kind}: {len(won)} of {len(outcomes)} concurrent pushes won, {len(lost)} got a conflict")
+    assert won and len(won) + len(lost) == len(pushers)
+    # Released together, the pushes read the ref before any of them moves it: without the compare-and-swap
+    # every one would "win" (the last write silently replacing the others); with it, the late ones are told.
+    assert lost and all("while this push ran" in message for message in lost), outcomes
     final = remote.read("refs/org/model/_tags/v1").decode().strip()
     assert final in won
     b = Store(tmp_path / "b")

@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +58,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
 def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """huggingface_hub cut off from the machine's Hub settings: own HF_HOME, no token, not offline, no telemetry.
 
+    The test Hub has no Xet storage, so uploads take Git LFS: ``HF_HUB_DISABLE_XET=1``, as its users must set
+    (test_xet_without_a_write_token_is_one_clear_line shows what happens without it).
     Per test, so nothing leaks into other modules. The constants are patched too: huggingface_hub read
     them at import, possibly long before this fixture ran.
     """
@@ -63,8 +68,10 @@ def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
     home = tmp_path_factory.getbasetemp() / "hf-home"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_DISABLE_XET"):
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
@@ -169,10 +176,14 @@ def test_round_trip_exact_digest_and_peft_loads(fresh: HubServer, peft_folders: 
         METADATA_PATH,
         ".adapterkit/README.md",
     }
-    assert commit.received_bytes == pushed.transferred_bytes
+    # The weights went by Git LFS (a basic-transfer PUT of the stored blob), the rest inline in the commit.
+    layers = {layer.title: layer for layer in a.manifest(digest)[1]}
+    weights_sha = layers["adapter_model.safetensors"].digest.removeprefix("sha256:")
+    assert commit.lfs == {"adapter_model.safetensors": weights_sha} and commit.files["adapter_model.safetensors"] == 0
+    assert [(u.oid, u.size) for u in fresh.lfs_uploads] == [(weights_sha, layers["adapter_model.safetensors"].size)]
+    assert commit.received_bytes + sum(u.size for u in fresh.lfs_uploads) == pushed.transferred_bytes
     files = fresh.files_at(repo, "v1")
     assert file_sha(files[MANIFEST_PATH]) == digest
-    layers = {layer.title: layer for layer in a.manifest(digest)[1]}
     for title, layer in layers.items():
         hub_path = ".adapterkit/README.md" if title == "README.md" else title
         assert file_sha(files[hub_path]) == layer.digest
@@ -288,6 +299,146 @@ def test_token_from_environment(
     monkeypatch.setenv("HF_TOKEN", "hf_test_secret")
     remote(fresh, f"hf://{repo}").push(store, digest, "tok", "latest")
     assert len(fresh.commits) == 1
+
+
+# -- the upload path of real pushes: Git LFS (and Xet, which this Hub lacks) ---------------------------------
+
+
+def test_large_adapter_goes_through_lfs_and_comes_back(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
+    """A 21 MB adapter: preupload says lfs, the weights travel by LFS batch + basic PUT, the commit names them by
+    an lfsFile line; the pull gets them from olah with the LFS sha256 as ETag; a later push of the same weights
+    uploads nothing, and the server holds each LFS object once."""
+    import httpx
+
+    store = Store(tmp_path / "s")
+    big = store.add(write_folder(tmp_path / "big", seed=1, dim=2048, r=64, modules=20), "big:v1").digest
+    other = store.add(write_folder(tmp_path / "other", seed=2, dim=64, modules=2), "big:v2").digest
+    weights = next(layer for layer in store.manifest(big)[1] if layer.title == "adapter_model.safetensors")
+    assert weights.size >= 20_000_000
+    sha = weights.digest.removeprefix("sha256:")
+    repo = repo_name("large")
+    hf = remote(fresh, f"hf://{repo}")
+    pushed = hf.push(store, big, "big", "v1")
+
+    [commit] = fresh.commits
+    assert commit.lfs == {"adapter_model.safetensors": sha}
+    assert commit.files["adapter_model.safetensors"] == 0  # not a byte of the weights inside the commit
+    assert [(u.repo_id, u.oid, u.size) for u in fresh.lfs_uploads] == [(repo, sha, weights.size)]
+    assert commit.received_bytes + weights.size == pushed.transferred_bytes
+    assert ("POST", f"/{repo}.git/info/lfs/objects/batch") in fresh.requests
+    assert not any("xet" in path for _, path in fresh.requests)
+
+    # The pull side: olah serves the file with its LFS sha256 as ETag, as the Hub does, and the digest survives.
+    head = httpx.head(f"{fresh.endpoint}/{repo}/resolve/main/adapter_model.safetensors", follow_redirects=False)
+    etag = head.headers.get("x-linked-etag") or head.headers["etag"]
+    assert etag.strip('"').removeprefix("W/").strip('"') == sha
+    pulled = Store(tmp_path / "pulled")
+    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == big and pulled.verify().ok
+    assert gets(fresh, "adapter_model.safetensors") == 1
+
+    # Another adapter, then the big one again: its weights are a new commit's lfsFile, but the batch API
+    # answers that the repository holds the object, so nothing is uploaded.
+    hf.push(store, other, "big", "v2")
+    fresh.reset()
+    again = hf.push(store, big, "big", "v1")
+    [recommit] = fresh.commits
+    assert recommit.lfs == {"adapter_model.safetensors": sha}
+    assert fresh.lfs_uploads == [] and not any(method == "PUT" for method, _ in fresh.requests)
+    assert again.transferred_bytes > 0  # what adapterkit sends to the commit; LFS deduplicates below it
+    objects = [p.name for p in fresh.lfs_objects(repo)]
+    assert sorted(objects) == sorted(set(objects)) and objects.count(sha) == 1 and len(objects) == 2
+    assert file_sha(fresh.files_at(repo)[MANIFEST_PATH]) == big
+
+
+def test_lfs_batch_api(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
+    """The server's own LFS endpoints: download by oid, unsigned or wrong uploads refused, verify."""
+    import httpx
+
+    store = Store(tmp_path / "s")
+    digest = store.add(write_folder(tmp_path / "f"), "x:latest").digest
+    repo = repo_name("batch")
+    remote(fresh, f"hf://{repo}").push(store, digest, "x", "latest")
+    weights = next(layer for layer in store.manifest(digest)[1] if layer.title == "adapter_model.safetensors")
+    oid, data = weights.digest.removeprefix("sha256:"), store.blobs.path(weights.digest).read_bytes()
+    batch = f"{fresh.endpoint}/{repo}.git/info/lfs/objects/batch"
+    missing = "0" * 64
+    reply = httpx.post(
+        batch,
+        json={
+            "operation": "download",
+            "transfers": ["basic"],
+            "objects": [{"oid": oid, "size": len(data)}, {"oid": missing, "size": 1}],
+        },
+    ).json()
+    found, absent = reply["objects"]
+    assert reply["transfer"] == "basic" and absent["error"]["code"] == 404
+    assert httpx.get(found["actions"]["download"]["href"]).content == data
+
+    new = b"new object" * 1000
+    new_oid = hashlib.sha256(new).hexdigest()
+    offer = httpx.post(
+        batch,
+        json={"operation": "upload", "objects": [{"oid": new_oid, "size": len(new)}, {"oid": oid, "size": len(data)}]},
+    ).json()
+    to_send, held = offer["objects"]
+    assert "actions" not in held  # the repository holds it: nothing to send
+    href = to_send["actions"]["upload"]["href"]
+    assert httpx.put(href.split("?")[0], content=new).status_code == 403  # not signed
+    assert httpx.put(href, content=new[:-1] + b"!").status_code == 400  # sha256 mismatch: not kept
+    verify = to_send["actions"]["verify"]["href"]
+    assert httpx.post(verify, json={"oid": new_oid, "size": len(new)}).status_code == 404
+    assert httpx.put(href, content=new).status_code == 200
+    assert httpx.post(verify, json={"oid": new_oid, "size": len(new)}).status_code == 200
+    assert [(u.oid, u.size) for u in fresh.lfs_uploads] == [(oid, len(data)), (new_oid, len(new))]
+
+
+def test_preupload_sends_large_files_to_lfs(fresh: HubServer) -> None:
+    import httpx
+
+    repo = repo_name("modes")
+    fresh.create_repo(repo)
+    files = [
+        {"path": "adapter_model.safetensors", "size": 10, "sample": ""},
+        {"path": "adapter_model.bin", "size": 10, "sample": ""},
+        {"path": "notes.txt", "size": 10 * 1024 * 1024, "sample": ""},
+        {"path": "big.txt", "size": 10 * 1024 * 1024 + 1, "sample": ""},
+    ]
+    reply = httpx.post(f"{fresh.endpoint}/api/models/{repo}/preupload/main", json={"files": files}).json()
+    assert {f["path"]: f["uploadMode"] for f in reply["files"]} == {
+        "adapter_model.safetensors": "lfs",
+        "adapter_model.bin": "lfs",
+        "notes.txt": "regular",
+        "big.txt": "lfs",
+    }
+
+
+def test_xet_without_a_write_token_is_one_clear_line(
+    fresh: HubServer, write_folder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf_xet is installed (a huggingface_hub dependency): without HF_HUB_DISABLE_XET the client uploads by Xet,
+    asks this Hub for a Xet write token and gets a 404. `adapterkit push` must say so in one line, with the way
+    out, and change nothing; with HF_HUB_DISABLE_XET=1 the same push goes through LFS."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("hf_xet") is not None
+    store = Store(tmp_path / "s")
+    digest = store.add(write_folder(tmp_path / "f"), "x:v1").digest
+    weights = next(layer for layer in store.manifest(digest)[1] if layer.title == "adapter_model.safetensors")
+    repo = repo_name("xet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"HF_ENDPOINT": fresh.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "adapterkit", "--store", str(store.root), "push", "x:v1", f"hf://{repo}"]
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert lines[0].startswith("Error: ") and "no Xet" in lines[0] and "HF_HUB_DISABLE_XET=1" in lines[0], lines[0]
+    assert ("GET", f"/api/models/{repo}/xet-write-token/main") in fresh.requests
+    assert fresh.commits == [] and fresh.lfs_uploads == []
+    done = subprocess.run(command, capture_output=True, text=True, env=env | {"HF_HUB_DISABLE_XET": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [c.lfs for c in fresh.commits] == [{"adapter_model.safetensors": weights.digest.removeprefix("sha256:")}]
 
 
 # -- pulling repositories adapterkit did not write ------------------------------------------------------------
@@ -490,22 +641,36 @@ def test_push_commit_failure(fresh: HubServer, peft_folders: Any, tmp_path: Path
     assert file_sha(fresh.files_at(repo, "v2")[MANIFEST_PATH]) == two
 
 
+def cli_push(hub: HubServer, store: Store, ref: str, url: str, tmp_path: Path) -> subprocess.Popen[str]:
+    """``adapterkit push REF URL`` in a process of its own, against ``hub``, as a user's shell would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
+    env |= {"PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "adapterkit", "--store", str(store.root), "push", ref, url]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
 def test_push_race_is_detected_not_overwritten(fresh: HubServer, peft_folders: Any, tmp_path: Path) -> None:
-    """Another push lands between our read of the branch and our commit: RemoteConflictError, theirs intact."""
-    store = Store(tmp_path / "s")
+    """Another process pushes between our read of the branch and our commit: RemoteConflictError, theirs intact."""
+    store, other = Store(tmp_path / "s"), Store(tmp_path / "other")
     ours = store.add(peft_folders.lora, "demo:ours").digest
-    theirs = store.add(peft_folders.lora2, "demo:theirs").digest
+    theirs = other.add(peft_folders.lora2, "demo:theirs").digest
     repo = repo_name("race")
     hf = remote(fresh, f"hf://{repo}")
     hf.push(store, ours, "demo", "latest")  # the repo exists; both pushes below start from this head
+    results: list[tuple[int, str]] = []
 
-    def other_push() -> None:
-        remote(fresh, f"hf://{repo}").push(store, theirs, "demo", "theirs")
+    def other_push() -> None:  # runs in the server while it holds our commit back; theirs goes through
+        process = cli_push(fresh, other, "demo:theirs", f"hf://{repo}", tmp_path)
+        _, err = process.communicate(timeout=300)
+        results.append((process.returncode, err))
 
     fresh.fault("call", "/commit/main", method="POST", callback=other_push)
     mine = store.add(peft_folders.lora_mlp, "demo:mine").digest
     with pytest.raises(RemoteConflictError, match="moved while pushing") as caught:
         hf.push(store, mine, "demo", "mine")
+    assert results == [(0, "")], results
     assert "\n" not in str(caught.value)
     assert file_sha(fresh.files_at(repo)[MANIFEST_PATH]) == theirs
     assert "mine" not in {t.name for t in hf.api.list_repo_refs(repo).tags}
@@ -514,35 +679,31 @@ def test_push_race_is_detected_not_overwritten(fresh: HubServer, peft_folders: A
     assert file_sha(fresh.files_at(repo, "theirs")[MANIFEST_PATH]) == theirs
 
 
+@pytest.mark.slow
 def test_concurrent_pushes_one_repo(fresh: HubServer, write_folder: Any, tmp_path: Path) -> None:
-    """Pushes racing for real: each wins or gets RemoteConflictError; the branch holds one whole adapter."""
-    store = Store(tmp_path / "s")
-    digests = [store.add(write_folder(tmp_path / f"f{i}", seed=i), f"c:v{i}").digest for i in range(4)]
+    """Four `adapterkit push` processes race for one branch. The server holds each commit until all four have
+    arrived, so all four read the same head: one wins, three get the conflict, the branch holds one whole adapter."""
+    stores = [Store(tmp_path / f"s{i}") for i in range(4)]
+    digests = [s.add(write_folder(tmp_path / f"f{i}", seed=i), f"c:v{i}").digest for i, s in enumerate(stores)]
     repo = repo_name("concurrent")
-    barrier = threading.Barrier(len(digests))
-    outcomes: dict[int, str] = {}
-
-    def push(i: int) -> None:
-        barrier.wait()
-        try:
-            remote(fresh, f"hf://{repo}").push(store, digests[i], "c", f"v{i}")
-            outcomes[i] = "ok"
-        except RemoteConflictError:
-            outcomes[i] = "conflict"
-
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(digests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert len(outcomes) == len(digests) and "ok" in outcomes.values()
-    assert len(fresh.commits) == list(outcomes.values()).count("ok")
+    fresh.create_repo(repo)
+    arrived = threading.Barrier(len(stores), timeout=120)
+    fresh.fault("call", "/commit/main", method="POST", times=len(stores), callback=arrived.wait)
+    processes = [cli_push(fresh, s, f"c:v{i}", f"hf://{repo}", tmp_path) for i, s in enumerate(stores)]
+    outcomes = {}
+    for i, process in enumerate(processes):
+        out, err = process.communicate(timeout=300)
+        outcomes[i] = (process.returncode, out, err)
+    won = [i for i, (code, _, _) in outcomes.items() if code == 0]
+    lost = [i for i, (code, _, err) in outcomes.items() if code == 1 and "moved while pushing" in err]
+    assert len(won) == 1 and len(lost) == 3, outcomes
+    assert all(len(outcomes[i][2].strip().splitlines()) == 1 for i in lost)  # one line each, no traceback
+    assert [c.repo_id for c in fresh.commits] == [repo]
     files = fresh.files_at(repo)
-    head = file_sha(files[MANIFEST_PATH])
-    assert head in {digests[i] for i, outcome in outcomes.items() if outcome == "ok"}
+    assert file_sha(files[MANIFEST_PATH]) == digests[won[0]]
     # The files at the head are exactly the ones its manifest names: no mix of two pushes.
     pulled = Store(tmp_path / "p")
-    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == head
+    assert remote(fresh, f"hf://{repo}").pull(pulled).digest == digests[won[0]]
     assert pulled.verify().ok
 
 
@@ -589,6 +750,83 @@ def test_card_refused_by_the_hub(fresh: HubServer, write_folder: Any, tmp_path: 
     with pytest.raises(SyncError, match="refused the model card") as caught:
         remote(fresh, f"hf://{repo_name('bad')}").push(store, digest, "bad", "latest")
     assert "\n" not in str(caught.value) and "not-a-license" in str(caught.value) and fresh.commits == []
+
+
+LLAMA_STYLE_CARD = """---
+language:
+- en
+pipeline_tag: text-generation
+tags:
+- facebook
+- meta
+- llama
+license: llama3
+extra_gated_prompt: >-
+  ### META LLAMA 3 COMMUNITY LICENSE AGREEMENT
+extra_gated_fields:
+  First Name: text
+  Country: country
+  I accept the terms: checkbox
+model-index:
+- name: my-model
+  results:
+  - task:
+      type: text-generation
+    dataset:
+      name: some-benchmark
+      type: org/benchmark
+    metrics:
+    - type: accuracy
+      value: 0.5
+---
+# A card
+"""
+
+
+def test_validate_yaml_accepts_what_the_hub_accepts(fresh: HubServer, peft_folders: Any) -> None:
+    """The test Hub's card check must never refuse a card the real Hub takes (hub_server.VALIDATED_RULES says what
+    it checks): every license id the Hub lists, alone or in a list; ``other`` with its name and link; a Llama 3
+    style card with gating fields and eval results; PEFT's own cards, from PEFT here and from the corpus of cards
+    found in the wild; adapterkit's card for each of them. Cards that break a checked rule are refused."""
+    from helpers import corpus_dir
+    from hub_server import LICENSES
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=fresh.endpoint)
+    # Licenses common on the Hub, listed here independently of the server's list, then the server's whole list.
+    common = ["apache-2.0", "mit", "gpl-3.0", "cc-by-nc-4.0", "cc-by-sa-4.0", "llama2", "llama3.1", "gemma"]
+    common += ["openrail++", "creativeml-openrail-m", "bigscience-bloom-rail-1.0", "afl-3.0", "unknown", "other"]
+    ids = common + sorted(LICENSES)
+    accepted = [f"---\nlicense: {license_id}\nlibrary_name: peft\n---\n" for license_id in ids]
+    accepted += [
+        "---\nlicense:\n- mit\n- apache-2.0\n---\n",
+        "---\nlicense: other\nlicense_name: my-license\nlicense_link: LICENSE\n---\n",
+        "---\nbase_model:\n- org/one\n- org/two\ndatasets:\n- org/data\n---\n",
+        "# no front matter at all\n",
+        LLAMA_STYLE_CARD,
+        (peft_folders.lora / "README.md").read_text(),
+    ]
+    wild = sorted((corpus_dir() / "cards").glob("*README.md"))
+    assert len(wild) == 5
+    for path in wild:
+        text = path.read_bytes()
+        if b"base_model: /" not in text:  # one names a local path as its base, which the Hub refuses
+            accepted.append(text.decode())
+        accepted.append(model_card({"base_model": None}, "sha256:" + "0" * 64, "org/repo", text).decode())
+    for card in accepted:
+        api._validate_yaml(card)  # what create_commit calls for a README.md; ValueError when refused
+    refused = {
+        "license: not-a-license": "license",
+        "license: [mit, nope]": "license",
+        "base_model: /home/me/model": "base_model",
+        "base_model: [org/ok, ./local]": "base_model",
+        "tags: lora": "tags",
+        "[1, 2]": "mapping",
+        "key: [unclosed": "YAML",
+    }
+    for front, reason in refused.items():
+        with pytest.raises(ValueError, match=reason):
+            api._validate_yaml(f"---\n{front}\n---\n")
 
 
 def test_model_card_is_stable_across_pushes() -> None:

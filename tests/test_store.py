@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapterkit import Store
+from adapterkit.adapter.config import canonical_config
 from adapterkit.base_model import fingerprint
 from adapterkit.errors import (
     AdapterFormatError,
@@ -583,9 +584,10 @@ def test_bad_refs_are_refused_before_anything_is_written(
 def test_reference_length_limits(store: Store, peft_folders: Any) -> None:
     longest = "a/" * 125 + "a:" + "t" * 3  # 255 characters
     assert len(longest) == 255
-    store.add(peft_folders.lora, longest)
-    assert store.resolve(longest) == store.resolve(longest)
-    store.add(peft_folders.lora, "n:" + "T" * 128)
+    digest = store.add(peft_folders.lora, longest).digest
+    assert store.resolve(longest) == digest and store.refs_by_digest()[digest] == [longest]
+    tag_limit = "n:" + "T" * 128
+    assert store.add(peft_folders.lora, tag_limit).digest == digest and store.resolve(tag_limit) == digest
     with pytest.raises(InvalidReferenceError, match="limit is 255"):
         store.add(peft_folders.lora, longest + "t")
     assert store.verify().ok
@@ -766,7 +768,9 @@ def test_any_config_is_stored_faithfully_or_refused_cleanly(
         assert_one_line(exc)
         assert _cheap_snapshot(store.root) == before
         return
-    assert store.show("fuzzed")["peft_config"] == json.loads((folder / "adapter_config.json").read_text())
+    # Faithfully as PEFT reads it: set-valued fields (target_modules, ...) sorted and de-duplicated, as documented.
+    original = json.loads((folder / "adapter_config.json").read_text())
+    assert store.show("fuzzed")["peft_config"] == canonical_config(original)
     assert store.resolve(digest) == digest
 
 

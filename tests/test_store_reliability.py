@@ -41,6 +41,8 @@ import torch
 from adapterkit import Store
 from adapterkit.formats.peft import read_adapter
 
+pytestmark = pytest.mark.slow
+
 CLI = [sys.executable, "-m", "adapterkit.cli"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
@@ -321,9 +323,71 @@ def test_kill_at_every_crash_point(fast_tmp: Path, write_folder: Callable[..., P
 @dataclass
 class KillStats:
     kills: int = 0
+    #: kills after the command had changed something in the store (and before it finished)
+    mid_write: int = 0
     completed: int = 0
     temp_left: int = 0
     by_op: Counter[str] = field(default_factory=Counter)
+
+
+#: Runs a CLI command (argv[3:]) watching the os functions that change the file system (CRASH_SERVER's list): at
+#: the first call it writes one byte to the file descriptor argv[2] (when not -1), and at the end it writes the
+#: times of the first and the last call, on the monotonic clock every process shares, to the file argv[1] (when
+#: not "-"). Nothing else changes: the command is the real CLI, in its own process.
+WRITE_PROBE = r"""
+import os, sys, time
+MUTATING = ("write", "fsync", "link", "replace", "rename", "unlink", "chmod", "utime", "rmdir")
+originals = {name: getattr(os, name) for name in MUTATING}
+times_path, notify = sys.argv[1], int(sys.argv[2])
+seen = []
+def probe(fn):
+    def wrapper(*args, **kwargs):
+        if not seen:
+            seen.append(time.monotonic())
+            if notify >= 0:
+                originals["write"](notify, b"w")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seen[1:] = [time.monotonic()]
+    return wrapper
+for name, fn in originals.items():
+    setattr(os, name, probe(fn))
+from adapterkit.cli import cli
+try:
+    cli.main(sys.argv[3:], standalone_mode=False)
+finally:
+    for name, fn in originals.items():
+        setattr(os, name, fn)
+    if times_path != "-":
+        with open(times_path, "w") as fh:
+            fh.write(" ".join(map(str, seen)))
+"""
+
+
+def write_window(root: Path, *args: str) -> float:
+    """How long the command goes on changing the store once it has begun: from its first to its last call that
+    changes the file system. Measured on a copy, so the store itself is left as it was."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-"))
+    try:
+        copy = probe / "store"
+        shutil.copytree(root, copy)
+        command = [sys.executable, "-c", WRITE_PROBE, str(probe / "times"), "-1", "--store", str(copy), *args]
+        subprocess.run(command, capture_output=True, env=ENV, timeout=120, check=True)
+        first, last = (float(t) for t in (probe / "times").read_text().split())
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return last - first
+
+
+def store_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the store: (size, mtime in ns), to see whether a killed command had changed anything."""
+    out = {}
+    for path in root.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            info = path.stat()
+            out[path.relative_to(root).as_posix()] = (info.st_size, info.st_mtime_ns)
+    return out
 
 
 def random_kill_rounds(
@@ -335,13 +399,25 @@ def random_kill_rounds(
     seed: int,
     max_rounds: int,
 ) -> KillStats:
-    """Kill real CLI commands after a seeded random delay until ``kills`` of them died mid-flight."""
+    """Kill real CLI commands at a seeded random moment of their write window until ``kills`` died mid-flight.
+
+    A kill time drawn over the whole run mostly lands in the start-up (imports), before the store is touched;
+    one drawn at a fixed offset from the start misses windows of a few tens of milliseconds as start-up times
+    vary. So each command's write window (first to last call that changes the file system) is measured
+    first, and each killed command reports its first such call (WRITE_PROBE): the kill comes a random part
+    of the window after it.
+    """
     rng = random.Random(seed)
     store = Store(root)
     stats = KillStats()
     names = ["a", "b", "c", "team/x:v1"]
-    timing = {"add": _timed(root, "add", str(fx.folders["a"]), "--tag", "a"), "tag": _timed(root, "tag", "a", "c")}
-    timing["gc"] = _timed(root, "gc", "--grace", "0s")
+    probe_folder = write_folder(root.parent / "src" / "probe", seed=999, dim=1024, modules=4)
+    windows = {
+        "add": write_window(root, "add", str(probe_folder), "--tag", "a"),
+        "tag": write_window(root, "tag", "a", "c"),
+        "gc": write_window(root, "gc", "--grace", "0s"),
+    }
+    print("write windows (s):", {op: f"{length:.3f}" for op, length in windows.items()})
     for round_ in range(max_rounds):
         if stats.kills >= kills:
             break
@@ -367,15 +443,27 @@ def random_kill_rounds(
         full = target if ":" in target else f"{target}:latest"
         if target:
             expected.setdefault(full, {None})
+        state = store_state(root)
+        began, notify = os.pipe()
         proc = subprocess.Popen(
-            [*CLI, "--store", str(root), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+            [sys.executable, "-c", WRITE_PROBE, "-", str(notify), "--store", str(root), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            pass_fds=(notify,),
         )
-        time.sleep(rng.uniform(0.3, 1.1) * timing[op])
+        os.close(notify)
+        with os.fdopen(began, "rb") as pipe:
+            first_write = pipe.read(1)  # b"" when the command ended without writing
+        if first_write:
+            time.sleep(rng.uniform(0, windows[op]))
         proc.send_signal(signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=60)
         if proc.returncode == -signal.SIGKILL:
             stats.kills += 1
             stats.by_op[op] += 1
+            stats.mid_write += store_state(root) != state
             if store.tmp.is_dir() and any(store.tmp.iterdir()):
                 stats.temp_left += 1
         else:
@@ -398,19 +486,14 @@ def _digest_of(folder: Path, scratch: Path) -> str:
     return Store(scratch).add(folder).digest
 
 
-def _timed(root: Path, *args: str) -> float:
-    start = time.perf_counter()
-    cli(root, *args)
-    return time.perf_counter() - start
-
-
 def test_random_kills_of_add_tag_and_gc(tmp_path: Path, write_folder: Callable[..., Path]) -> None:
     fx = build_fixture(tmp_path, write_folder, dim=1024, modules=4)
     root = tmp_path / "store"
     shutil.copytree(fx.root, root)
     stats = random_kill_rounds(fx, root, write_folder, kills=50, seed=20240611, max_rounds=400)
-    print(f"random kills: {stats}")
+    print(f"random kills: {stats}; {stats.mid_write} of {stats.kills} landed after the command's first write")
     assert stats.kills >= 50
+    assert stats.mid_write >= stats.kills // 2, stats  # most kills hit the store mid-write, not the start-up
     assert {"add", "tag", "gc"} <= set(stats.by_op)
     recover_and_check(Store(root), fx.originals)
 

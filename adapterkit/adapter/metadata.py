@@ -1,7 +1,7 @@
 """The metadata document of an adapter: what the store keeps beside its files, and what its digest covers.
 
 Built from the PEFT config and the module table; validated against ``schemas/adapter.schema.json``
-(the store validates it again on every read). The base model entry and the lineage are part of
+when the store publishes it, and again on every read. The base model entry and the lineage are part of
 it, so the same tensors with another base or another history get another digest.
 """
 
@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adapterkit.adapter.config import ModuleSpec, carried_features
-from adapterkit.schema import ADAPTER_SCHEMA, validate
 
 __all__ = ["FORMAT_VERSION", "build_metadata"]
 
@@ -27,9 +26,8 @@ def build_metadata(
     safetensors_metadata: Mapping[str, str],
     base_model: Mapping[str, Any] | None,
     lineage: Mapping[str, Any] | None = None,
-    source: str = "metadata",
 ) -> dict[str, Any]:
-    """The metadata document for an adapter, validated against ``adapter.schema.json``."""
+    """The metadata document for an adapter (the store validates it against ``adapter.schema.json`` as it publishes)."""
     metadata = {
         "format_version": FORMAT_VERSION,
         "peft_type": "LORA",
@@ -49,7 +47,6 @@ def build_metadata(
         "peft_config": dict(peft_config),
         "safetensors_metadata": {k: v for k, v in safetensors_metadata.items() if (k, v) != ("format", "pt")},
     }
-    validate(metadata, ADAPTER_SCHEMA, source)
     return metadata
 
 

@@ -27,7 +27,7 @@ import torch
 
 from adapterkit.adapter.config import delta_blockers
 from adapterkit.adapter.model import check_weights
-from adapterkit.composition.engine import adapter_digest, check_compatible, common_shape
+from adapterkit.composition.engine import adapter_digest, adapter_label, check_compatible, common_shape
 from adapterkit.errors import CompositionError, UnsupportedAdapterError
 from adapterkit.strategies.lowrank import choose_rank, derive_seed, stacked_svd
 
@@ -231,6 +231,12 @@ def inspect(
     _check_deltas(adapters)
     if len(adapters) > 1:
         check_compatible(adapters, force=force)
+    from adapterkit.weighting import check_finite_factors, check_weight_range
+
+    labels = [adapter_label(adapter, i) for i, adapter in enumerate(adapters)]
+    check_finite_factors(adapters, labels)
+    # The report squares singular values in float64; weights compose could use in float32 keep them finite.
+    check_weight_range(adapters, values, labels, torch.float32)
     names = sorted({name for adapter in adapters for name in adapter.modules})
     for name in names:
         common_shape(name, [m.spec for _, m, _ in _present(adapters, values, name)])

@@ -10,8 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.composition.engine import prepare
-from adapterkit.errors import CompositionError
+from adapterkit.composition.engine import check_not_empty, delta_norm, prepare
 from adapterkit.strategies.base import PlannedModule
 
 if TYPE_CHECKING:
@@ -50,7 +49,7 @@ def plan_compose(
 
     from adapterkit.adapter.dtypes import torch_dtypes
 
-    blend = prepare(adapters, weights, strategy, params, dtype=dtype, force=force, plugins=plugins)
+    blend = prepare(adapters, weights, strategy, params, device=device, dtype=dtype, force=force, plugins=plugins)
     estimate = blend.strategy.estimate
     out_dtype: torch.dtype | None = None if blend.identity else blend.out_dtype
     notes: list[str] = []
@@ -59,7 +58,10 @@ def plan_compose(
     elif estimate is None:
         notes.append(f"strategy {strategy!r} is not one whose output rank can be predicted; ranks and costs unknown")
     esize = torch.empty((), dtype=blend.compute).element_size()
-    device_type = torch.device(device).type if device is not None else "cpu"
+    device_type = blend.device.type
+    #: ||delta|| of each module's result and sum_i |w_i| ||D_i|| of its parents, where the estimate can tell.
+    norms: dict[str, float] = {}
+    scales: dict[str, float] = {}
 
     modules: dict[str, Any] = {}
     sizes: dict[str, tuple[int, int]] = {}  # (out, in * kernel): an output factor pair holds rank * (out + in) values
@@ -75,6 +77,8 @@ def plan_compose(
             "input_rank": sum(ranks),
         }
         if blend.identity:
+            module = adapters[0].modules[name]
+            norms[name] = scales[name] = delta_norm(module.A * module.spec.scaling, module.B)
             entry.update(rank=ranks[0], rank_max=ranks[0], truncation_error=None, flops=0, peak_bytes=0)
         elif estimate is None:
             entry.update(rank=None, rank_max=None, flops=None, peak_bytes=None)
@@ -83,12 +87,14 @@ def plan_compose(
             entry.update(rank=cost.rank, rank_max=cost.rank_max, flops=cost.flops, peak_bytes=cost.peak_bytes)
             if not cost.truncates or cost.truncation_error is not None:
                 entry["truncation_error"] = cost.truncation_error
+            if cost.norm is not None:
+                norms[name], scales[name] = cost.norm, blend.scale(module_input)
         modules[name] = entry
 
     known = [e["rank"] for e in modules.values() if e["rank"] is not None]
     dropped = sorted(name for name, e in modules.items() if e["rank"] == 0)
-    if modules and len(dropped) == len(modules):
-        raise CompositionError("the blend is empty: every module's result has rank 0")
+    if norms:  # a strategy that works on the dense deltas gives no norm: compose itself tells
+        check_not_empty(norms, scales, torch.float64 if blend.identity else blend.compute, strategy)
     unknown = len(known) < len(modules)
     kept = [k for k in known if k > 0]
     output_parameters: int | None = None

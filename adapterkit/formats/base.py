@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from adapterkit.adapter.config import KEY_PREFIX
 from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
 from adapterkit.params import Param, check_params
 
@@ -42,8 +43,11 @@ class AdapterFiles:
     weights_size: int
     safetensors_metadata: dict[str, str] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
-    #: What messages name: the file the adapter was read from.
+    #: What messages name: the file the adapter was read from, and the file its weights came from.
     source: str = "adapter"
+    weights_source: str = "adapter weights"
+    #: What the tensor names start with before the module paths (``base_model.model.`` for PEFT).
+    key_prefix: str = KEY_PREFIX
 
     @classmethod
     def from_adapter(
@@ -79,6 +83,8 @@ class AdapterFiles:
             safetensors_metadata=dict((adapter.metadata or {}).get("safetensors_metadata") or {}),
             files=dict(files or {}),
             source=source,
+            weights_source=source,
+            key_prefix=adapter.key_prefix,
         )
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -173,8 +174,18 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     # torch.save writes a zip archive ("PK") or, in the legacy format, a pickle (protocol 2+: 0x80).
     if magic != b"PK" and magic[:1] != b"\x80":
         raise AdapterFormatError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
+    if magic[:1] == b"\x80" and len(magic) > 1 and magic[1] > 2:
+        # pickle.dump, or torch.save(..., pickle_protocol=3+): torch's restricted unpickler reads only the protocol-2
+        # stream torch writes by default, and fails on such a file with a warning and "Unsupported operand 149".
+        raise AdapterFormatError(
+            f"{path}: is a pickle of protocol {magic[1]}, which torch's safe loader cannot read; adapterkit never "
+            "unpickles, so it is refused for safety: where you trust the file, convert it with "
+            "torch.load(it, weights_only=False) and safetensors' save_file(state_dict, 'adapter_model.safetensors')"
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes about pickle protocols: the refusal below says it all
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise AdapterFormatError(
             f"{path}: needs unpickling beyond plain tensors, refused for safety ({_one_line(str(exc))})"
@@ -253,7 +264,7 @@ class PeftFormat(Format):
             chunks = partial(iter_canonical_bytes, folder.weights_path, header)
             size = canonical_size(header)
             st_metadata = header.metadata
-        modules, extras, _ = folder.describe(shapes)
+        modules, extras, prefix = folder.describe(shapes)
         try:
             readme = folder.readme.read_bytes() if folder.readme else None
         except OSError as exc:
@@ -267,6 +278,8 @@ class PeftFormat(Format):
             safetensors_metadata=st_metadata,
             files={README_NAME: readme} if readme is not None else {},
             source=str(folder.path / CONFIG_NAME),
+            weights_source=str(folder.weights_path),
+            key_prefix=prefix,
         )
 
     options: ClassVar[dict[str, Param]] = {

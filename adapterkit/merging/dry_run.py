@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.dtypes import DTYPE_SIZES
+from adapterkit.devices import resolve_device
 from adapterkit.merging.plan import build_plan
 from adapterkit.merging.shard_writer import BLOCK_ELEMENTS, MAX_WORKERS, WRITE_DEPTH, shard_header
-from adapterkit.merging.streamed import _device
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +96,7 @@ def plan_merge(
                     ],
                 }
     adapter_bytes = sum(a.factor_bytes for a in adapters)
-    workers = MAX_WORKERS if _device(device).type == "cpu" else 1
+    workers = MAX_WORKERS if resolve_device(device).type == "cpu" else 1
     buffers = workers * (in_peak + sum(work_peak.values())) + (WRITE_DEPTH + workers) * writer_peak
     if largest is not None:
         largest["float32_bytes"] = largest.pop("numel") * 4

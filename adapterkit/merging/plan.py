@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
 from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, parse_dtype, torch_dtype
 from adapterkit.adapter.model import check_weights
+from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.base_model import INDEX_NAME, BaseModel, open_base, resolve_target
 from adapterkit.errors import (
     BaseModelError,
-    IncompatibleAdaptersError,
     UnsupportedAdapterError,
 )
 from adapterkit.files.safetensors import Header, TensorInfo
 from adapterkit.files.sequential import pread_exact
+from adapterkit.weighting import check_finite_factors, check_weight_range
 
 if TYPE_CHECKING:
     import torch
@@ -96,39 +97,39 @@ def _label(adapter: Adapter, index: int) -> str:
     return f"adapter {index + 1} ({adapter.digest[:19]})" if adapter.digest else f"adapter {index + 1}"
 
 
-def _check_adapters(adapters: Sequence[Adapter], base_digest: str, base_dir: Path, force: bool) -> None:
-    """Refuse adapters made for another base, or whose weight change is not ``scaling * B @ A``."""
-    names: set[str] = set()
-    any_fingerprint = False
-    for i, adapter in enumerate(adapters):
-        base = (adapter.metadata or {}).get("base_model") or {}
-        digest = base.get("structure_digest")
-        name = base.get("name") or adapter.config.get("base_model_name_or_path")
-        if name:
-            names.add(str(name))
-        if digest:
-            any_fingerprint = True
-            if digest != base_digest and not force:
-                raise BaseModelError(
-                    f"{_label(adapter, i)} was made for base {digest[:19]}, but {base_dir} is {base_digest[:19]} "
-                    "(structure fingerprints differ); use --force to merge anyway"
-                )
+def _check_adapters(adapters: Sequence[Adapter], model: BaseModel, force: bool) -> list[str]:
+    """Refuse adapters made for another base, or whose weight change is not ``scaling * B @ A``; returns warnings.
+
+    The base rule is :func:`adapterkit.base_identity.reconcile`, over the adapters and the base
+    folder itself (its structure fingerprint, the ``_name_or_path`` its config.json may record,
+    and its content digest, computed only when an adapter carries one to compare it with).
+    """
+    labels = [_label(adapter, i) for i, adapter in enumerate(adapters)]
+    sides = [BaseIdentity.of_adapter(adapter, label) for adapter, label in zip(adapters, labels, strict=True)]
+    content = None
+    if any(side.content_digest for side in sides):
+        content = model.content_digest  # reads the whole base: only when an adapter has one to compare with
+    name = (model.config or {}).get("_name_or_path")
+    base = BaseIdentity(
+        label=str(model.path),
+        name=name if isinstance(name, str) and name else None,
+        structure_digest=model.structure_digest,
+        content_digest=content,
+        is_base=True,
+    )
+    _, doubts = reconcile([*sides, base], force=force, verb="merge")
+    for label, adapter in zip(labels, adapters, strict=True):
         blocking = delta_blockers(adapter.config)
         if blocking:
             raise UnsupportedAdapterError(
-                f"{_label(adapter, i)} sets {blocking[0]!r}: its weight change is not scaling * B @ A, "
-                "so it cannot be merged"
+                f"{label} sets {blocking[0]!r}: its weight change is not scaling * B @ A, so it cannot be merged"
             )
         carried = carried_features(adapter.config)
         if carried:
             raise UnsupportedAdapterError(
-                f"{_label(adapter, i)} sets {carried[0]!r}, which brings weights beyond the LoRA factors; "
-                "merge cannot apply it"
+                f"{label} sets {carried[0]!r}, which brings weights beyond the LoRA factors; merge cannot apply it"
             )
-    if not any_fingerprint and len(names) > 1 and not force:
-        raise IncompatibleAdaptersError(
-            f"adapters name different base models ({', '.join(sorted(names))}); use --force to merge them anyway"
-        )
+    return doubts
 
 
 def _build_targets(
@@ -261,10 +262,15 @@ def build_plan(
     code = parse_dtype(dtype)
     model = open_base(base_dir)
     base = model.path
-    _check_adapters(adapters, model.structure_digest, base, force)
     # An unreadable config.json is copied as it is (only the tie default is lost), unless its dtype must change.
     config = model.require_config() if code is not None else model.config
+    doubts = _check_adapters(adapters, model, force)
+    labels = [_label(adapter, i) for i, adapter in enumerate(adapters)]
+    check_finite_factors(adapters, labels)
     targets, warnings = _build_targets(adapters, values, model.tensors, model.tied, base)
+    # A tensor's additions run in float64 when it or its output is float64, else in float32: the tighter range decides.
+    wide = bool(targets) and all("F64" in (model.tensors[key][0], code) for key in targets)
+    check_weight_range(adapters, values, labels, torch_dtype("F64" if wide else "F32"))
 
     def read(name: str) -> torch.Tensor:
         path, header = model.shard_of(name)
@@ -287,7 +293,7 @@ def build_plan(
         config=config,
         copy_files=copy,
         skipped_files=skipped,
-        warnings=warnings,
+        warnings=[*doubts, *warnings],
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.dtypes import DTYPE_SIZES, torch_dtype
+from adapterkit.errors import NonFiniteError
 from adapterkit.files.safetensors import CANONICAL_METADATA, Header, TensorInfo
 from adapterkit.files.sequential import SequentialFile, pread_exact
 from adapterkit.merging.plan import Contribution, MergePlan
@@ -378,7 +379,30 @@ def _compute_block(
         out.copy_(work.view(-1))
     else:
         out.copy_(values)
+    if not bool(torch.isfinite(out).all()):  # a NaN is never written; the merge fails and publishes nothing
+        raise _non_finite(block, values, bool(updates), out_dtype)
     return out_buffer
+
+
+def _non_finite(block: _Block, values: torch.Tensor, updated: bool, out_dtype: torch.dtype) -> NonFiniteError:
+    """Why a block came out non-finite: the base already was, the added change overflowed, or the conversion did."""
+    import torch
+
+    dtype = str(out_dtype).removeprefix("torch.")
+    if not bool(torch.isfinite(values).all()):
+        return NonFiniteError(
+            f"{block.path}: tensor {block.name!r} already holds non-finite values (NaN or infinity); merge does not "
+            "write them (is the base damaged?)"
+        )
+    if updated:
+        return NonFiniteError(
+            f"merging into {block.name!r} gives values beyond the range of {dtype} (the weighted change is too "
+            "large); nothing was written"
+        )
+    return NonFiniteError(
+        f"converting {block.name!r} to {dtype} overflows it (its values exceed the range of {dtype}); "
+        "nothing was written"
+    )
 
 
 def write_shards(plan: MergePlan, tmp: Path, device: torch.device, progress: MergeProgress | None) -> int:

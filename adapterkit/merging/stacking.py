@@ -17,8 +17,8 @@ new copy of the base. (With a tied embedding, PEFT's unmerged model changes only
 adapter targets; merging changes the one shared tensor. See :mod:`adapterkit.merging.streamed`.)
 
 Weights other than 1 and several adapters at once need each adapter's change to be ``s * B @ A``:
-DoRA, ``lora_bias``, ``modules_to_save`` and the like are refused then, naming the field. A single
-adapter with weight 1 is loaded however PEFT loads it.
+DoRA, ``lora_bias``, ``modules_to_save``, trained biases and the like are refused then, naming the
+field. A single adapter with weight 1 is loaded however PEFT loads it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import carried_features, delta_blockers
 from adapterkit.adapter.model import check_weights
+from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.errors import InvalidInputError, UnsupportedAdapterError
+from adapterkit.weighting import check_finite_factors, check_weight_range, extra_trainable
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -68,7 +70,24 @@ def _names(count: int, adapter_names: Sequence[str] | None, taken: Sequence[str]
     return names
 
 
-def _check(adapters: Sequence[Adapter], weights: list[float]) -> None:
+def _model_identity(model: Any) -> BaseIdentity:
+    """What a live model tells of its identity: the name transformers records (no fingerprint: no files to read)."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return BaseIdentity(label="the model", name=name if isinstance(name, str) and name else None, is_base=True)
+
+
+def _check(adapters: Sequence[Adapter], weights: list[float], model: Any, force: bool) -> None:
+    import warnings
+
+    import torch
+
+    labels = [f"adapter {i + 1}" + (f" ({a.digest[:19]})" if a.digest else "") for i, a in enumerate(adapters)]
+    sides = [BaseIdentity.of_adapter(adapter, label) for adapter, label in zip(adapters, labels, strict=True)]
+    _, doubts = reconcile([*sides, _model_identity(model)], force=force, verb="attach")
+    for doubt in doubts:
+        warnings.warn(f"adapterkit: {doubt}", stacklevel=3)
+    check_finite_factors(adapters, labels)
     if len(adapters) == 1 and weights[0] == 1.0:
         return  # PEFT runs it exactly as it would load it
     for index, adapter in enumerate(adapters):
@@ -78,6 +97,16 @@ def _check(adapters: Sequence[Adapter], weights: list[float]) -> None:
                 f"adapter {index + 1} sets {fields[0]!r}: its change is not scaling * B @ A, so it cannot be "
                 "weighted or stacked with others"
             )
+        trained = extra_trainable(adapter)
+        if trained:
+            # PEFT would apply these tensors at full strength while the LoRA part gets the weight.
+            raise UnsupportedAdapterError(
+                f"adapter {index + 1} trains more than its LoRA factors ({trained}); it cannot be weighted or "
+                "stacked with others"
+            )
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()] if hasattr(model, "parameters") else []
+    narrowest = min(floating, key=lambda dtype: torch.finfo(dtype).max, default=torch.float32)
+    check_weight_range(adapters, weights, labels, narrowest)  # PEFT adds the weighted change in the model's dtype
 
 
 def attach(
@@ -85,6 +114,8 @@ def attach(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None = None,
     adapter_names: Sequence[str] | None = None,
+    *,
+    force: bool = False,
 ) -> PeftModel:
     """A PEFT model running ``adapters`` on ``model`` together, each scaled by its weight (default 1.0).
 
@@ -92,6 +123,9 @@ def attach(
     to which the adapters are added. ``adapter_names`` (default ``adapter_0``, ``adapter_1``, ...)
     are the names PEFT knows them by. The adapters stay separate, so ``set_adapter``,
     ``disable_adapter()`` and ``merge_and_unload()`` work as usual on the result.
+
+    The adapters must be for one base, and for this model as far as its recorded name tells
+    (:func:`adapterkit.base_identity.reconcile`; ``force`` accepts a mismatch).
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -99,7 +133,7 @@ def attach(
     from adapterkit.formats.peft import write_adapter
 
     values = check_weights(adapters, weights, "attach")
-    _check(adapters, values)
+    _check(adapters, values, model, force)
     wrapped = isinstance(model, PeftModel)
     names = _names(len(adapters), adapter_names, list(model.peft_config) if wrapped else [])
 

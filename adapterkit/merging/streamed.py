@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.dtypes import CONFIG_DTYPE_NAMES
 from adapterkit.base_model import INDEX_NAME, fingerprint
+from adapterkit.devices import resolve_device
 from adapterkit.errors import InvalidInputError, MergeError
 from adapterkit.files.fsutil import fsync_dir, fsync_file
 from adapterkit.merging.plan import CONFIG_NAME, Contribution, MergePlan, build_plan
@@ -137,20 +138,6 @@ def _copy_files(plan: MergePlan, tmp: Path) -> list[str]:
     return copied
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    import torch
-
-    if device is None:
-        return torch.device("cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"device {str(device)!r} is not a torch device ({exc})") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {str(device)!r} is not available (torch sees no CUDA GPU)")
-    return chosen
-
-
 def merge(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None,
@@ -178,11 +165,13 @@ def merge(
     out = Path(out_dir)
     if out.exists() or out.is_symlink():
         raise InvalidInputError(f"{out}: already exists; merge writes a new folder")
-    chosen = _device(device)
+    if not out.parent.is_dir():
+        # Creating the parents would hide a typo in the path (a whole new tree under the wrong name).
+        raise InvalidInputError(f"{out}: the folder it goes in, {out.parent}, does not exist; create it first")
+    chosen = resolve_device(device)
     plan = build_plan(adapters, weights, base_dir, dtype=dtype, force=force)
     tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:12]}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as exc:
         raise InvalidInputError(f"{out}: cannot create it ({exc.strerror or type(exc).__name__})") from None

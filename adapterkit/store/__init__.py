@@ -8,7 +8,7 @@ from adapterkit.store.documents import Layer
 from adapterkit.store.gc import GcReport, parse_duration
 from adapterkit.store.layout import STORE_FORMAT_VERSION, StoreLayout, default_store_path, marker_version, store_marker
 from adapterkit.store.names import Ref, is_digest, parse_ref, parse_tag_ref
-from adapterkit.store.store import AdapterStore, AddResult, Received
+from adapterkit.store.store import AdapterStore, AddResult, Received, TagResult
 from adapterkit.store.verify import Problem, VerifyReport
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Received",
     "Ref",
     "StoreLayout",
+    "TagResult",
     "VerifyReport",
     "default_store_path",
     "is_digest",

@@ -21,6 +21,7 @@ __all__ = [
     "Layer",
     "build_manifest",
     "canonical_json",
+    "check_metadata",
     "parse_manifest",
     "parse_metadata",
 ]
@@ -107,6 +108,16 @@ def parse_manifest(data: bytes, source: str, *, known_valid: bool = False) -> tu
     if len(set(titles)) != len(titles) or not {"adapter_config.json", "adapter_model.safetensors"} <= set(titles):
         raise IntegrityError(f"{source}: layers must name adapter_config.json and adapter_model.safetensors once each")
     return config, layers
+
+
+def check_metadata(data: bytes, source: str) -> dict[str, Any]:
+    """A metadata document about to be stored: refused (SchemaValidationError, naming ``source``) unless valid."""
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise SchemaValidationError(f"{source}: the metadata document is not valid JSON") from None
+    validate(document, ADAPTER_SCHEMA, source)
+    return document
 
 
 def parse_metadata(data: bytes, source: str, *, known_valid: bool = False) -> dict[str, Any]:

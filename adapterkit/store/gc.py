@@ -51,6 +51,9 @@ class GcReport:
     removed: list[tuple[str, int]] = field(default_factory=list)
     kept_manifests: int = 0
     kept_blobs: int = 0
+    #: Of those kept, objects no ref reaches: kept by the grace period (a recent reflog entry, or their own age).
+    young_manifests: int = 0
+    young_blobs: int = 0
 
     @property
     def freed_bytes(self) -> int:
@@ -62,6 +65,7 @@ class GcReport:
             "removed": [{"path": path, "size": size} for path, size in self.removed],
             "freed_bytes": self.freed_bytes,
             "kept": {"manifests": self.kept_manifests, "blobs": self.kept_blobs},
+            "kept_unreachable": {"manifests": self.young_manifests, "blobs": self.young_blobs},
         }
 
 
@@ -70,7 +74,7 @@ def collect(store: StoreLayout, *, grace: float, dry_run: bool) -> GcReport:
     report = GcReport(dry_run=dry_run)
     if not store.initialised():
         return report  # nothing was ever written: don't create lock files in someone's directory
-    with gc_lock(store.root / "locks", exclusive=True, timeout=store.lock_timeout):
+    with gc_lock(store.root / "locks", exclusive=True, timeout=store.lock_timeout, read_only=dry_run):
         now = time.time()
         cutoff = now - grace
         refs: dict[str, str] = {}
@@ -108,11 +112,16 @@ def collect(store: StoreLayout, *, grace: float, dry_run: bool) -> GcReport:
         roots = set(refs) | recent
 
         live_blobs: set[str] = set()
+        referenced_blobs: set[str] = set()  # reached from a ref; the rest is kept only by the grace period
         doomed_manifests = []
         for digest, (path, blobs) in manifests.items():
             if digest in roots or _mtime(path) >= cutoff:
                 live_blobs |= blobs
                 report.kept_manifests += 1
+                if digest in refs:
+                    referenced_blobs |= blobs
+                else:
+                    report.young_manifests += 1  # a recent reflog entry or its own age keeps it
             else:
                 doomed_manifests.append(path)
         doomed_blobs = []
@@ -121,6 +130,7 @@ def collect(store: StoreLayout, *, grace: float, dry_run: bool) -> GcReport:
                 continue
             if digest in live_blobs or _mtime(path) >= cutoff:
                 report.kept_blobs += 1
+                report.young_blobs += digest not in referenced_blobs
             else:
                 doomed_blobs.append(path)
         doomed_temp = (

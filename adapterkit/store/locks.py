@@ -14,6 +14,7 @@ the writers inside to finish, so no new writer enters and gc cannot starve.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -25,10 +26,38 @@ from adapterkit.errors import StoreLockedError
 __all__ = ["file_lock", "gc_lock"]
 
 
-def _acquire(path: Path, *, shared: bool, deadline: float) -> int | None:
-    """An open fd of ``path`` holding the lock; None once ``deadline`` passes (the caller says why)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+#: Errors that say the store cannot be written here (permissions, a read-only mount).
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _open(path: Path, *, read_only: bool) -> int | None:
+    """An fd of the lock file ``path`` (created if missing); None for a reader of a store it cannot write.
+
+    flock needs no write access, so a reader (``read_only``) that may not create or write the file
+    opens it read-only and still takes part in the locking. Where even that is impossible (no lock
+    file, and no right to create one), nobody without write access could hold it, and nobody with
+    it has yet: the reader goes on unlocked.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if not read_only or exc.errno not in _READ_ONLY_ERRNOS:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _acquire(path: Path, *, shared: bool, deadline: float, read_only: bool = False) -> int | None:
+    """An open fd of ``path`` holding the lock; None once ``deadline`` passes (the caller says why).
+
+    With ``read_only``, ``-1`` stands for "no lock file, none needed" (see :func:`_open`).
+    """
+    fd = _open(path, read_only=read_only)
+    if fd is None:
+        return -1
     try:
         mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         delay = 0.001
@@ -48,6 +77,8 @@ def _acquire(path: Path, *, shared: bool, deadline: float) -> int | None:
 
 
 def _release(fd: int) -> None:
+    if fd == -1:
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
@@ -70,14 +101,18 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float = 60.0, what: 
 
 
 @contextlib.contextmanager
-def gc_lock(locks_dir: Path, *, exclusive: bool, timeout: float = 60.0) -> Iterator[None]:
-    """The store-wide lock: shared for writers (and verify), exclusive for gc, fair to gc."""
+def gc_lock(locks_dir: Path, *, exclusive: bool, timeout: float = 60.0, read_only: bool = False) -> Iterator[None]:
+    """The store-wide lock: shared for writers (and verify), exclusive for gc, fair to gc.
+
+    ``read_only``: the holder only reads (``verify``, ``gc --dry-run``), so a store it cannot write
+    (permissions, a read-only mount) is locked through read-only file handles instead of refused.
+    """
     deadline = time.monotonic() + timeout
-    turnstile = _acquire(locks_dir / "gc.turnstile", shared=False, deadline=deadline)
+    turnstile = _acquire(locks_dir / "gc.turnstile", shared=False, deadline=deadline, read_only=read_only)
     if turnstile is None:
         raise _store_locked(locks_dir, timeout)
     try:
-        held = _acquire(locks_dir / "gc.lock", shared=not exclusive, deadline=deadline)
+        held = _acquire(locks_dir / "gc.lock", shared=not exclusive, deadline=deadline, read_only=read_only)
     except BaseException:
         _release(turnstile)
         raise

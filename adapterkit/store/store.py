@@ -11,11 +11,12 @@ What an adapter *is* (reading a format, checking tensors, loading them) is the b
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from adapterkit.errors import (
     SyncError,
 )
 from adapterkit.files.hashing import verified_chunks
-from adapterkit.store.documents import Layer, build_manifest, canonical_json, parse_manifest
+from adapterkit.store.documents import Layer, build_manifest, canonical_json, check_metadata, parse_manifest
 from adapterkit.store.documents import parse_metadata as _parse_metadata
 from adapterkit.store.layout import StoreLayout
 from adapterkit.store.names import digest_prefix, parse_ref, parse_tag_ref
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from adapterkit.store.gc import GcReport
     from adapterkit.store.verify import VerifyReport
 
-__all__ = ["CONFIG_NAME", "README_NAME", "WEIGHTS_NAME", "AdapterStore", "AddResult", "Received"]
+__all__ = ["CONFIG_NAME", "README_NAME", "WEIGHTS_NAME", "AdapterStore", "AddResult", "Received", "TagResult"]
 
 #: The files of a stored adapter, named as in a PEFT folder (a PEFT folder is how the store lays an adapter out).
 CONFIG_NAME = "adapter_config.json"
@@ -57,6 +58,18 @@ class AddResult:
     #: Bytes the store did not hold before (0 when re-adding a stored adapter).
     new_bytes: int
     info: dict[str, Any] = field(default_factory=dict)
+    #: The digest the ref pointed at before, when this moved it to another adapter; else None.
+    previous: str | None = None
+
+
+@dataclass(frozen=True)
+class TagResult:
+    """What :meth:`AdapterStore.update_tag` did."""
+
+    ref: str
+    digest: str
+    #: The digest ``ref`` pointed at before, when this moved it to another adapter; else None.
+    previous: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,22 +101,25 @@ class AdapterStore(StoreLayout):
         message: str,
         *,
         progress: Progress | None = None,
+        source: str = "adapter metadata",
     ) -> AddResult:
         """Under the writer lock: publish an adapter's objects, then point ``tag`` (``name[:tag]``) at it.
 
-        The metadata document is validated against the schema first; ``weights_chunks`` are the
-        canonical safetensors bytes, hashed as they are written. The caller (``Store.add``/``put``)
-        has built and checked them.
+        The metadata document is validated against the schema first (a refusal names ``source``);
+        ``weights_chunks`` are the canonical safetensors bytes, hashed as they are written. The
+        caller (``Store.add``/``put``) has built them.
         """
         target = parse_tag_ref(tag) if tag is not None else None
-        _parse_metadata(metadata_bytes, "adapter metadata")
+        check_metadata(metadata_bytes, source)
+        previous = None
         with self.writing():
             digest, new_bytes = self._commit(metadata_bytes, peft_config_bytes, weights_chunks, readme, progress)
+            self._validated.add("sha256:" + hashlib.sha256(metadata_bytes).hexdigest())  # checked just above
             if target is not None:
-                self._set_ref(target.name, target.tag, digest, message)
+                previous = self._set_ref(target.name, target.tag, digest, message)
             info = self.describe(digest)  # under the lock: an untagged adapter is gc-able once it is released
         ref = f"{target.name}:{target.tag}" if target else digest
-        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info)
+        return AddResult(digest=digest, ref=ref, new_bytes=new_bytes, info=info, previous=previous)
 
     def _commit(
         self,
@@ -138,6 +154,7 @@ class AdapterStore(StoreLayout):
         message: str,
         *,
         where: str = "remote",
+        inspect: Callable[[Layer, Iterable[bytes]], Iterable[bytes]] | None = None,
     ) -> Received:
         """The pull transaction: store the adapter ``manifest`` describes, then point ``tag`` at it.
 
@@ -146,7 +163,10 @@ class AdapterStore(StoreLayout):
         manifest, so nothing damaged ever gets a name. Under the writer lock, blobs go first, then
         the metadata is checked against the schema, then the manifest, then the ref: a pull that
         fails half-way leaves at most complete, unreferenced blobs, which a re-run reuses and
-        ``gc`` otherwise collects. ``where`` names the source in messages.
+        ``gc`` otherwise collects. ``where`` names the source in messages. ``inspect(layer,
+        chunks)`` may wrap each blob's verified bytes with a check of its own that raises before
+        the last chunk (the public ``Store`` refuses a non-finite tensor this way): the store
+        itself knows nothing of what the bytes hold.
         """
         target = parse_tag_ref(tag)
         digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
@@ -160,8 +180,10 @@ class AdapterStore(StoreLayout):
                 if self.has_blob(layer.digest, layer.size):
                     skipped += layer.size
                     continue
-                chunks = verified_chunks(fetch(layer), layer.digest, layer.size, _mismatch(layer, where))
-                self.blobs.put(chunks)
+                chunks: Iterable[bytes] = verified_chunks(
+                    fetch(layer), layer.digest, layer.size, _mismatch(layer, where)
+                )
+                self.blobs.put(inspect(layer, chunks) if inspect is not None else chunks)
                 received += layer.size
             try:
                 _parse_metadata(self.blobs.read(config.digest, config.size), f"metadata of {digest} from {where}")
@@ -198,30 +220,56 @@ class AdapterStore(StoreLayout):
         """Where the blob ``digest`` lives (read-only; it may be missing: check with :meth:`has_blob`)."""
         return self.blobs.path(digest)
 
-    def _set_ref(self, name: str, tag: str, digest: str, message: str) -> None:
-        self.refs.update(name, tag, digest, expected=ANY, message=message)
+    def _set_ref(self, name: str, tag: str, digest: str, message: str) -> str | None:
+        """Point ``name:tag`` at ``digest``; returns what it pointed at before when that was another adapter."""
+        old = self.refs.update(name, tag, digest, expected=ANY, message=message)
+        return old if old != digest else None
 
     def tag(self, ref: str, new_ref: str) -> str:
-        """Point ``new_ref`` (``name[:tag]``) at the adapter ``ref`` resolves to."""
+        """Point ``new_ref`` (``name[:tag]``) at the adapter ``ref`` resolves to; returns its digest."""
+        return self.update_tag(ref, new_ref).digest
+
+    def update_tag(self, ref: str, new_ref: str) -> TagResult:
+        """:meth:`tag`, also saying which adapter ``new_ref`` named before when this moved it (as ``rm`` does)."""
         target = parse_tag_ref(new_ref)
         self.resolve(ref)  # fail before the store is touched; resolved again under the lock below
         with self.writing():
             digest = self.resolve(ref)  # gc cannot remove it now, until the ref is written
-            self._set_ref(target.name, target.tag, digest, f"tag {ref}")
-        return digest
+            previous = self._set_ref(target.name, target.tag, digest, f"tag {ref}")
+        return TagResult(ref=f"{target.name}:{target.tag}", digest=digest, previous=previous)
 
     def remove(self, ref: str) -> str:
         """Remove the ref ``name[:tag]`` (the adapter's data stays until gc); returns its digest."""
-        parsed = parse_ref(ref)
-        if parsed.name is None or parsed.tag is None:
-            raise InvalidReferenceError(f"{ref!r}: rm removes refs; give NAME[:TAG]")
+        return self.remove_refs([ref])[0][1]
+
+    def remove_refs(self, refs: Sequence[str]) -> list[tuple[str, str]]:
+        """Remove several refs, all or none: each is checked (a ``name[:tag]`` that exists) before any goes.
+
+        Returns ``(name:tag, digest it pointed at)`` per ref removed, in the order given (a ref
+        named twice is removed once). The adapters' data stays until gc finds nothing pointing at it.
+        """
+        targets: dict[tuple[str, str], str] = {}
+        for ref in refs:
+            parsed = parse_ref(ref)
+            if parsed.name is None or parsed.tag is None:
+                raise InvalidReferenceError(f"{ref!r}: rm removes refs; give NAME[:TAG]")
+            targets.setdefault((parsed.name, parsed.tag), ref)
+        if not targets:
+            return []
         if not self.initialised():
-            raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}")
+            name, tag = next(iter(targets))
+            raise ReferenceNotFoundError(f"no ref {name}:{tag} in {self.root}")
+        removed = []
         with self.writing():
-            try:
-                return self.refs.delete(parsed.name, parsed.tag, message=f"rm {ref}")
-            except ReferenceNotFoundError:
-                raise ReferenceNotFoundError(f"no ref {parsed.name}:{parsed.tag} in {self.root}") from None
+            for name, tag in targets:
+                if self.refs.read(name, tag) is None:  # a corrupt ref raises here too: nothing is removed
+                    raise ReferenceNotFoundError(f"no ref {name}:{tag} in {self.root}")
+            for (name, tag), ref in targets.items():
+                try:
+                    removed.append((f"{name}:{tag}", self.refs.delete(name, tag, message=f"rm {ref}")))
+                except ReferenceNotFoundError:  # another process removed it since the check
+                    raise ReferenceNotFoundError(f"no ref {name}:{tag} in {self.root}") from None
+        return removed
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -322,12 +370,20 @@ class AdapterStore(StoreLayout):
     def show(self, ref: str) -> dict[str, Any]:
         return self.describe(self.resolve(ref))
 
-    def list(self) -> list[dict[str, Any]]:
-        """One summary per adapter that a ref points at, ordered by its first ref."""
+    def list(self, pattern: str | None = None) -> list[dict[str, Any]]:
+        """One summary per adapter that a ref points at, ordered by its first ref.
+
+        ``pattern`` keeps only the refs it matches, as a shell glob (``*``, ``?``, ``[...]``; ``*``
+        also matches ``/``): against ``name:tag`` when it holds a ``:`` (``*:v1``), else against the
+        name (``demo/*``). An adapter is listed with its matching refs only, and not at all without one.
+        """
         if not self.root.exists():
             return []
         self._check_format()
         by_digest = self.refs_by_digest()
+        if pattern is not None:
+            matching = {digest: [ref for ref in refs if _matches(ref, pattern)] for digest, refs in by_digest.items()}
+            by_digest = {digest: refs for digest, refs in matching.items() if refs}
         out = []
         for digest, refs in by_digest.items():
             try:
@@ -371,6 +427,25 @@ class AdapterStore(StoreLayout):
             for e in self.refs.reflog(parsed.name, parsed.tag)
         ]
 
+    def history(self, ref: str) -> list[dict[str, Any]]:
+        """What ``adapterkit log`` prints: every change of the ref ``name[:tag]``, newest first, from its reflog.
+
+        Each entry has ``ref``, ``digest`` (what the ref pointed at after the change; None when it
+        was removed), ``previous`` (before it; None when it was created), ``time`` (Unix seconds)
+        and ``operation`` (the command that made it, such as ``add PATH`` or ``tag REF``). A
+        removed ref keeps its history until its reflog is deleted.
+        """
+        parsed = parse_tag_ref(ref)
+        self._check_format()
+        name = f"{parsed.name}:{parsed.tag}"
+        entries = [
+            {"ref": name, "digest": e.new, "previous": e.old, "time": e.time, "operation": e.message}
+            for e in self.refs.reflog(parsed.name, parsed.tag)
+        ]
+        if not entries:
+            raise ReferenceNotFoundError(f"no history for ref {name} in {self.root}")
+        return entries[::-1]
+
     # -- maintenance ------------------------------------------------------------------------------
 
     def verify(self, *, full: bool = False, progress: Progress | None = None) -> VerifyReport:
@@ -390,6 +465,11 @@ class AdapterStore(StoreLayout):
             return collect(self, grace=grace, dry_run=dry_run)
         except OSError as exc:
             raise StoreError(f"cannot gc store {self.root}: {exc.strerror or exc}") from None
+
+
+def _matches(ref: str, pattern: str) -> bool:
+    """Whether ``name:tag`` matches the glob ``pattern`` (see :meth:`Store.list`)."""
+    return fnmatch.fnmatchcase(ref if ":" in pattern else ref.rsplit(":", 1)[0], pattern)
 
 
 def _copy_verified(source: Path, target: Path, layer: Layer, progress: Progress | None) -> None:

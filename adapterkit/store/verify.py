@@ -46,6 +46,8 @@ class VerifyReport:
     refs: int = 0
     hashed_bytes: int = 0
     quarantined: list[str] = field(default_factory=list)
+    #: Corrupt objects left in place because the store cannot be written here (read-only).
+    unmoved: list[str] = field(default_factory=list)
     #: Temp files of writers that are gone (killed); `gc` removes them after its grace period.
     stale_temp_files: int = 0
 
@@ -60,6 +62,7 @@ class VerifyReport:
             "checked": {"blobs": self.blobs, "manifests": self.manifests, "refs": self.refs},
             "hashed_bytes": self.hashed_bytes,
             "quarantined": self.quarantined,
+            "unmoved": self.unmoved,
             "stale_temp_files": self.stale_temp_files,
         }
 
@@ -75,7 +78,7 @@ def verify_store(
     """Check everything (see the module docstring); an uninitialised store is empty and fine."""
     if not store.initialised():
         return VerifyReport()  # and write nothing: a state/ dir would make it look like a foreign directory
-    with gc_lock(store.root / "locks", exclusive=False, timeout=store.lock_timeout):
+    with gc_lock(store.root / "locks", exclusive=False, timeout=store.lock_timeout, read_only=True):
         return _verify(store, full=full, progress=progress)
 
 
@@ -141,8 +144,12 @@ class _Checker:
         self.report.problems.append(Problem(kind, self.rel(path), message))
 
     def quarantine(self, objects: ObjectDir, path: Path) -> str:
-        """Move a corrupt object to corrupt/; says where it went, for the problem's message."""
-        moved = objects.quarantine(path)
+        """Move a corrupt object to corrupt/; says where it went (or why it stayed), for the problem's message."""
+        try:
+            moved = objects.quarantine(path)
+        except OSError as exc:  # a store this user cannot write: report, and leave the object where it is
+            self.report.unmoved.append(self.rel(path))
+            return f"not moved to corrupt/ ({exc.strerror or exc}): run verify with write access to the store"
         if moved is None:
             return "already moved aside by another process"
         self.report.quarantined.append(self.rel(moved))

@@ -40,13 +40,19 @@ class ModuleInput:
     ``factors`` hold (A, B) with A as (r, in) and B as (out, r) (convolutions flattened), in
     float32 or float64 on the chosen device, each parent's scaling folded into A, so that
     ``B @ A`` is that parent's change and ``sum(w * B @ A)`` the exact weighted sum.
-    ``ranks`` are the parents' own ranks.
+    ``ranks`` are the parents' own ranks; ``positions`` each parent's position among all the
+    adapters of the compose call (parents lacking the module are left out of ``factors`` but keep
+    their place), default ``0, 1, ...``: what a per-parent random draw is keyed by.
     """
 
     name: str
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]]
     weights: Sequence[float]
     ranks: Sequence[int]
+    positions: Sequence[int] | None = None
+
+    def parent_positions(self) -> list[int]:
+        return list(self.positions) if self.positions is not None else list(range(len(self.factors)))
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class ModuleCost:
     truncation_error: float | None = None
     #: False for a strategy that never truncates (its error is exactly zero, reported as None).
     truncates: bool = True
+    #: ``||result delta||_F``, where the strategy can tell without composing (a dry run then refuses an empty blend).
+    norm: float | None = None
 
 
 #: The parameters every truncating strategy takes.

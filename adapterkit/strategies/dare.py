@@ -3,7 +3,9 @@
 Drop each entry of each parent's delta with probability 1 - density and rescale the survivors
 by 1 / density, then combine linearly or TIES-style, and truncate back to rank k. Unlike PEFT's,
 the masks are a pure function of (seed, module, parent, entry) (a counter-based hash, see
-:class:`DareMask`): the same inputs and seed give the same adapter and digest, on any machine.
+:class:`DareMask`), the parent being its position in the compose call: the same inputs and seed
+give the same adapter and digest, on any machine, and a parent's mask does not depend on which
+other parents have the module.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from adapterkit.strategies.base import (
     PlannedModule,
     Strategy,
 )
-from adapterkit.strategies.lowrank import derive_seed, disjoint_merge, majority_sign
-from adapterkit.strategies.ties import MAJORITY_SIGN_METHOD
+from adapterkit.strategies.lowrank import derive_seed, ties_merge
+from adapterkit.strategies.ties import ELECT_ON_PARAM, MAJORITY_SIGN_METHOD
 
 __all__ = ["DARE_LINEAR", "DARE_TIES", "dare_linear", "dare_ties"]
 
@@ -42,8 +44,8 @@ def _dare(
     block, and the sign election does not change under a common positive factor.
     """
     masks = [
-        DareMask(derive_seed(seed, module.name, i), (B.shape[0], A.shape[1]), density, A.device)
-        for i, (A, B) in enumerate(module.factors)
+        DareMask(derive_seed(seed, module.name, position), (B.shape[0], A.shape[1]), density, A.device)
+        for position, (A, B) in zip(module.parent_positions(), module.factors, strict=True)
     ]
     weights = [w / density for w in module.weights]
 
@@ -80,13 +82,14 @@ def dare_ties(
     density: float = 0.5,
     seed: int = 0,
     majority_sign_method: str = "total",
+    elect_on: str = "weighted",
     rank: int | None = None,
     energy: float | None = None,
 ) -> ModuleResult:
-    def ties_merge(blocks: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-        return disjoint_merge(blocks, weights, majority_sign(blocks, majority_sign_method))
+    def merge(blocks: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        return ties_merge(blocks, weights, majority_sign_method, elect_on)
 
-    return _dare(module, density, seed, rank, energy, ties_merge)
+    return _dare(module, density, seed, rank, energy, merge)
 
 
 def dare_cost(planned: PlannedModule, *, rank: int | None = None, energy: float | None = None, **_: Any) -> ModuleCost:
@@ -113,6 +116,7 @@ DARE_TIES = Strategy(
     params={
         **_COMMON,
         "majority_sign_method": MAJORITY_SIGN_METHOD,
+        "elect_on": ELECT_ON_PARAM,
     },
     estimate=dare_cost,
 )

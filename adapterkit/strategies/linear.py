@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from adapterkit.strategies.base import ModuleCost, ModuleInput, ModuleResult, PlannedModule, Strategy
+from adapterkit.strategies.lowrank import stacked_svd
 
 __all__ = ["STRATEGY", "linear", "linear_cost"]
 
@@ -22,10 +23,17 @@ def linear(module: ModuleInput) -> ModuleResult:
 
 def linear_cost(planned: PlannedModule) -> ModuleCost:
     """2Rn FLOPs (folding scaling and weight into A); working set 2(m + n)R elements; output rank R = sum r_i."""
-    R = sum(planned.module.ranks)
+    module = planned.module
+    R = sum(module.ranks)
     m, n = planned.out_features, planned.in_features
+    S = stacked_svd(module.factors, module.weights)[3]  # the exact sum's spectrum, from the small core
     return ModuleCost(
-        rank=R, rank_max=R, flops=2 * R * n, peak_bytes=2 * (m + n) * R * planned.element_size, truncates=False
+        rank=R,
+        rank_max=R,
+        flops=2 * R * n,
+        peak_bytes=2 * (m + n) * R * planned.element_size,
+        truncates=False,
+        norm=float(S.double().norm()),
     )
 
 

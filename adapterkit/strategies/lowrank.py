@@ -15,12 +15,14 @@ import torch
 from adapterkit.strategies.base import ModuleInput, ModuleResult
 
 __all__ = [
+    "ELECT_ON",
     "derive_seed",
     "disjoint_merge",
     "dense_start",
     "factor_svd",
     "majority_sign",
     "stacked_svd",
+    "ties_merge",
     "truncate_dense",
 ]
 
@@ -98,13 +100,17 @@ def factor_svd(module: ModuleInput, *, rank: int | None, energy: float | None, d
 
 
 def derive_seed(seed: int, name: str, index: int) -> int:
-    """A seed for (user seed, module, parent): masks do not depend on module order or device."""
+    """A seed for (user seed, module, parent's position in the compose call).
+
+    Masks depend neither on the order modules are visited in, nor on the device, nor on which
+    other parents have the module.
+    """
     digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def majority_sign(deltas: list[torch.Tensor], method: str) -> torch.Tensor:
-    """TIES sign election over the (unweighted, pruned) deltas, as PEFT does: by ``total`` or ``frequency``.
+    """TIES sign election over the (pruned) deltas it is given: by ``total`` or ``frequency``.
 
     Ties go to +1. Accumulated in place, without stacking the deltas into one more N x out x in
     tensor, and with float operations only (bool-producing comparisons are several times slower
@@ -137,6 +143,28 @@ def disjoint_merge(deltas: list[torch.Tensor], weights: list[float], sign: torch
         total.add_(agreeing, alpha=weight)
         count.add_(agreeing.sign_())
     return total.div_(count.clamp_min_(1)).mul_(sign)
+
+
+#: What TIES elects signs on: the weighted trimmed deltas ``w_i D_i'`` (the TIES paper's Alg. 1 and
+#: mergekit), or the unweighted ones ``D_i'`` (PEFT's ``add_weighted_adapter``).
+ELECT_ON = ("weighted", "unweighted")
+
+
+def ties_merge(deltas: list[torch.Tensor], weights: list[float], method: str, elect_on: str) -> torch.Tensor:
+    """TIES' sign election and disjoint mean of the (trimmed or dropped) deltas; overwrites them.
+
+    ``weighted``: elect on ``w_i D_i'``, then average the ``w_i D_i'`` that agree with the elected
+    sign, so a negatively weighted parent votes against its own delta's sign and is never added
+    against the elected one. ``unweighted`` (PEFT): elect on ``D_i'``, then average the ``w_i D_i'``
+    whose ``D_i'`` agrees.
+    """
+    if elect_on not in ELECT_ON:  # the strategies' parameter check says the same first
+        raise ValueError(f"parameter 'elect_on' must be one of 'weighted', 'unweighted', got {elect_on!r}")
+    if elect_on == "unweighted":
+        return disjoint_merge(deltas, weights, majority_sign(deltas, method))
+    for delta, weight in zip(deltas, weights, strict=True):
+        delta.mul_(weight)
+    return disjoint_merge(deltas, [1.0] * len(deltas), majority_sign(deltas, method))
 
 
 def dense_start(

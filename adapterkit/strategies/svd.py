@@ -37,6 +37,7 @@ def svd_cost(planned: PlannedModule, *, rank: int | None = None, energy: float |
         rank=k,
         rank_max=S.numel(),
         truncation_error=math.sqrt(float(power[k:].sum()) / total) if total > 0 else 0.0,
+        norm=math.sqrt(float(power[:k].sum())),
         flops=2 * R * n + 2 * (m + n) * R**2 + 24 * R**3 + 2 * (m + n) * R * k,
         peak_bytes=((m + n) * (2 * R + k) + 4 * R**2) * planned.element_size,
     )

@@ -1,9 +1,10 @@
 """``ties``: TIES-merging (Yadav et al., 2023) on each module's dense delta, truncated back to rank k.
 
 Trim each parent's delta to its largest ``density`` fraction, elect a sign per entry from the
-trimmed deltas (``total``: sign of their sum; ``frequency``: sign of the sign count), then
-average the weighted deltas that agree with it. This follows PEFT's ``ties`` exactly, minus
-its double scaling, but on dense deltas rather than on raw factors.
+weighted trimmed deltas ``w_i D_i'`` (``total``: sign of their sum; ``frequency``: sign of the
+sign count), then average the weighted deltas that agree with it: the TIES paper's Alg. 1 and
+mergekit's election. ``elect_on="unweighted"`` elects on ``D_i'`` as PEFT's ``ties`` does. Works
+on dense deltas rather than on raw factors.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from adapterkit.strategies.base import (
     Strategy,
     one_of,
 )
-from adapterkit.strategies.lowrank import disjoint_merge, majority_sign
+from adapterkit.strategies.lowrank import ELECT_ON, ties_merge
 
-__all__ = ["MAJORITY_SIGN_METHOD", "STRATEGY", "ties"]
+__all__ = ["ELECT_ON_PARAM", "MAJORITY_SIGN_METHOD", "STRATEGY", "ties"]
 
 MAJORITY_SIGN_METHOD = Param(str, "total", "'total' or 'frequency'", one_of("total", "frequency"))
+ELECT_ON_PARAM = Param(
+    str, "weighted", "elect signs on the 'weighted' deltas (TIES paper) or 'unweighted' (PEFT)", one_of(*ELECT_ON)
+)
 
 
 def ties(
@@ -37,6 +41,7 @@ def ties(
     *,
     density: float = 0.5,
     majority_sign_method: str = "total",
+    elect_on: str = "weighted",
     rank: int | None = None,
     energy: float | None = None,
 ) -> ModuleResult:
@@ -46,7 +51,7 @@ def ties(
     def combine(blocks: list[torch.Tensor], rows: slice) -> torch.Tensor:
         if thresholds is not None:
             blocks = [trim(block, threshold) for block, threshold in zip(blocks, thresholds, strict=True)]
-        return disjoint_merge(blocks, weights, majority_sign(blocks, majority_sign_method))
+        return ties_merge(blocks, weights, majority_sign_method, elect_on)
 
     return blend_dense(module, combine, rank, energy)
 
@@ -62,6 +67,7 @@ STRATEGY = Strategy(
     params={
         "density": DENSITY,
         "majority_sign_method": MAJORITY_SIGN_METHOD,
+        "elect_on": ELECT_ON_PARAM,
         "rank": RANK,
         "energy": ENERGY,
     },

@@ -146,6 +146,20 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(exc)}" if str(exc) else type(exc).__name__
 
 
+@contextlib.contextmanager
+def _quiet_hub_progress() -> Iterator[None]:
+    """huggingface_hub's own progress bars (uploads by LFS or Xet) off for the duration, as they were after."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def _progress_bar(progress: Progress | None) -> Any:
     """A silent huggingface_hub progress-bar class that reports downloaded bytes to ``progress``."""
     from huggingface_hub.utils import tqdm as hf_tqdm
@@ -360,15 +374,22 @@ class HubRemote:
         operations += [CommitOperationDelete(path) for path in stale]
         where = target.at(branch)
         try:
-            info = self.api.create_commit(
-                target.repo_id, operations, commit_message=message, revision=branch, parent_commit=head
-            )
+            with _quiet_hub_progress():  # huggingface_hub's LFS/Xet bars would bury adapterkit's one-line report
+                info = self.api.create_commit(
+                    target.repo_id, operations, commit_message=message, revision=branch, parent_commit=head
+                )
         except Exception as exc:
             if isinstance(exc, ValueError) and not isinstance(exc, OSError):
                 # huggingface_hub's verdict on the card's metadata (POST /api/validate-yaml), before any upload
                 raise SyncError(f"{where}: the Hub refused the model card ({_one_line(exc)})") from exc
             if not _is_network_error(exc):
                 raise
+            if "xet-write-token" in str(exc) and re.search(r"\b404\b", str(exc)):
+                # hf_xet is installed, so huggingface_hub uploads through Xet, and this Hub offers no Xet storage.
+                raise SyncError(
+                    f"{where}: the Hub at {self._host} offers no Xet storage (no Xet write token); "
+                    "set HF_HUB_DISABLE_XET=1 to upload with Git LFS; nothing was changed"
+                ) from exc
             if _http_status(exc) in (409, 412):
                 raise RemoteConflictError(
                     f"{where} moved while pushing (its head is no longer {head[:12]}): "
