@@ -276,6 +276,8 @@ class GgufFormat(Format):
         """Write ``adapter`` as ``dest/adapter.gguf`` (or as ``dest`` itself when it ends in ``.gguf``)."""
         import torch
 
+        from adapterkit.adapter.transforms import single_threaded
+
         opts = self.check_options(options)
         if opts["base"] is None:
             raise ExportError(
@@ -297,15 +299,16 @@ class GgufFormat(Format):
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.adapterkit-{uuid.uuid4().hex[:8]}"
-        try:
-            self._write_file(tmp, adapter, base, arch, targets, dtype, raw, file_type)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            if made_folder and folder is not None:
-                folder.rmdir()
-            raise
-        certificate = read_back(out, targets)
+        with single_threaded():
+            try:
+                self._write_file(tmp, adapter, base, arch, targets, dtype, raw, file_type)
+                os.replace(tmp, out)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                if made_folder and folder is not None:
+                    folder.rmdir()
+                raise
+            certificate = read_back(out, targets)
         return ExportResult(
             path=folder if folder is not None else out,
             files=[out],
