@@ -267,7 +267,10 @@ class _Extraction:
         A, B = balanced_factors(spectrum, rank)
         A = A.to(device="cpu", dtype=self.out_dtype).contiguous()
         B = B.to(device="cpu", dtype=self.out_dtype).contiguous()
-        error = relative_error(spectrum, rank, M, factors=(A, B) if self.rounded else None)
+        # Measured on the change itself where the factors were rounded, or where the SVD was exact (a small matrix,
+        # cheap to go over again): energy - kept cancels when little is lost, and costs digits the test of 1e-5 needs.
+        measured = self.rounded or spectrum.complete
+        error = relative_error(spectrum, rank, M, factors=(A, B) if measured else None)
         kept = spectrum.kept(rank) / spectrum.energy
         self.results[module.name] = _Factored(A, B, error, min(kept, 1.0), math.sqrt(spectrum.energy))
 
