@@ -170,14 +170,15 @@ class Store(AdapterStore):
         return super().receive(manifest, fetch, tag, message, where=where, inspect=scan_weights)
 
     def get(self, ref: str) -> Adapter:
-        """Load the adapter ``ref`` names into memory (every byte checked against its digest)."""
-        from safetensors.torch import load as load_safetensors
+        """Load the adapter ``ref`` names into memory (every byte checked against its digest).
 
-        from adapterkit.adapter.model import Adapter
+        The tensors share one buffer the weights were read into, so the weights are held once.
+        """
+        from adapterkit.adapter.model import Adapter, tensors_from_buffer
 
         digest = self.resolve(ref)
         meta = self.metadata(digest)
-        tensors = load_safetensors(self.weights(digest))
+        tensors = tensors_from_buffer(self.weights(digest, writable=True), f"weights of {digest}")
         adapter = Adapter.from_state_dict(meta["peft_config"], tensors, f"weights of {digest}")
         adapter.metadata = meta
         adapter.digest = digest

@@ -9,6 +9,7 @@ copies, trainable tokens) rides along in :attr:`Adapter.extra_tensors`, untouche
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +25,10 @@ from adapterkit.adapter.config import (
     validate_lora_config,
 )
 from adapterkit.adapter.dtypes import code_of
-from adapterkit.errors import CompositionError, UnsupportedAdapterError
-from adapterkit.files.safetensors import serialize
+from adapterkit.errors import AdapterFormatError, CompositionError, UnsupportedAdapterError
+from adapterkit.files.safetensors import parse_header, serialize
 
-__all__ = ["Adapter", "LoraModule", "check_weights", "dtype_name", "tensors_to_bytes"]
+__all__ = ["Adapter", "LoraModule", "check_weights", "dtype_name", "tensors_from_buffer", "tensors_to_bytes"]
 
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
@@ -43,6 +44,42 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
         data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
         raw[key] = (dtype_name(tensor, key), tuple(tensor.shape), data)
     return serialize(raw)
+
+
+def tensors_from_buffer(buffer: bytearray, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors bytes in ``buffer``, sharing its memory (no copy).
+
+    ``safetensors.torch.load`` copies every tensor out of the bytes it is given, so loading an
+    adapter would hold its weights twice at the peak; views of one buffer hold them once. A tensor
+    whose data is not aligned to its element size (only a hand-made file has one) is copied.
+    """
+    from adapterkit.adapter.dtypes import torch_dtype
+
+    if len(buffer) < 8:
+        raise AdapterFormatError(f"{source}: not a safetensors file ({len(buffer)} bytes, too short)")
+    (length,) = struct.unpack_from("<Q", buffer)
+    if 8 + length > len(buffer):
+        raise AdapterFormatError(f"{source}: safetensors header claims {length} bytes but the file holds {len(buffer)}")
+    header = parse_header(bytes(buffer[8 : 8 + length]), data_size=len(buffer) - 8 - length, source=source)
+    start = 8 + length
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.tensors.items():
+        try:
+            dtype = torch_dtype(info.dtype)
+        except KeyError:
+            raise AdapterFormatError(
+                f"{source}: safetensors could not load it (tensor {name!r} has dtype {info.dtype}, which this torch "
+                "lacks)"
+            ) from None
+        offset = start + info.begin
+        if info.numel == 0:
+            out[name] = torch.empty(info.shape, dtype=dtype)
+        elif offset % dtype.itemsize:
+            raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=offset)
+            out[name] = raw.clone().view(dtype).reshape(info.shape)
+        else:
+            out[name] = torch.frombuffer(buffer, dtype=dtype, count=info.numel, offset=offset).reshape(info.shape)
+    return out
 
 
 @dataclass

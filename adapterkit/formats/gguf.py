@@ -276,6 +276,8 @@ class GgufFormat(Format):
         """Write ``adapter`` as ``dest/adapter.gguf`` (or as ``dest`` itself when it ends in ``.gguf``)."""
         import torch
 
+        from adapterkit.adapter.transforms import single_threaded
+
         opts = self.check_options(options)
         if opts["base"] is None:
             raise ExportError(
@@ -297,15 +299,16 @@ class GgufFormat(Format):
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.adapterkit-{uuid.uuid4().hex[:8]}"
-        try:
-            self._write_file(tmp, adapter, base, arch, targets, dtype, raw, file_type)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            if made_folder and folder is not None:
-                folder.rmdir()
-            raise
-        certificate = read_back(out, targets)
+        with single_threaded():
+            try:
+                self._write_file(tmp, adapter, base, arch, targets, dtype, raw, file_type)
+                os.replace(tmp, out)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                if made_folder and folder is not None:
+                    folder.rmdir()
+                raise
+            certificate = read_back(out, targets)
         return ExportResult(
             path=folder if folder is not None else out,
             files=[out],
@@ -380,16 +383,23 @@ def _base_name(adapter: Adapter, base: BaseModel) -> str | None:
     return None
 
 
-def _read_tensor(tensor: Any) -> torch.Tensor:
+def _read_tensor(tensor: Any, fh: Any) -> torch.Tensor:
+    """One tensor of the file, read with a plain read (not through the reader's memory map, whose pages
+    would stay resident: reading a file back would then cost its size in memory)."""
     import gguf
     import numpy as np
     import torch
 
-    data = np.asarray(tensor.data)
-    if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        return torch.from_numpy(data.view(np.int16).reshape(shape).copy()).view(torch.bfloat16)
-    return torch.from_numpy(data.copy())
+    kinds = {
+        gguf.GGMLQuantizationType.F32: (np.float32, None),
+        gguf.GGMLQuantizationType.F16: (np.float16, None),
+        gguf.GGMLQuantizationType.BF16: (np.int16, torch.bfloat16),
+    }
+    item, view = kinds[tensor.tensor_type]
+    fh.seek(tensor.data_offset)
+    data = np.frombuffer(bytearray(fh.read(tensor.n_bytes)), dtype=item)
+    out = torch.from_numpy(data.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist()))))
+    return out.view(view) if view is not None else out
 
 
 def read_back(path: Path, targets: list[GgufTarget]) -> Certificate:
@@ -400,29 +410,38 @@ def read_back(path: Path, targets: list[GgufTarget]) -> Certificate:
     file counts as a relative difference of 1 (nothing applied).
     """
     import gguf
-    import numpy as np
 
-    from adapterkit.adapter.equivalence import Certificate, Factors
+    from adapterkit.adapter.equivalence import Certificate
 
     reader = gguf.GGUFReader(path)
     field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
     alpha = float(field.parts[field.data[0]][0]) if field is not None else 0.0
     tensors = {t.name: t for t in reader.tensors}
     certificate = Certificate(method="gguf: re-read with the gguf reader, llama.cpp's scale rule")
-    for target in targets:
-        module = target.module
-        stored = Factors(module.A, module.B, module.spec.scaling)
-        pair = tensors.get(f"{target.gguf_name}.lora_a"), tensors.get(f"{target.gguf_name}.lora_b")
-        if pair[0] is None or pair[1] is None:
-            certificate.modules[module.name] = 1.0
-            continue
-        a, b = _read_tensor(pair[0]), _read_tensor(pair[1])
-        if target.embedding:
-            a = a.T
-        if target.heads is not None:
-            b = unpermute_rows(b, target.heads)
-        rank = b.shape[1]
-        scale = float(np.float32(alpha) / np.float32(rank)) if alpha else 1.0
-        certificate.add(module.name, stored, Factors(a, b, scale))
+    with path.open("rb") as fh:
+        for target in targets:
+            _certify(certificate, target, tensors, alpha, fh)
     del reader
     return certificate
+
+
+def _certify(certificate: Certificate, target: GgufTarget, tensors: dict[str, Any], alpha: float, fh: Any) -> None:
+    """One module's line of the certificate."""
+    import numpy as np
+
+    from adapterkit.adapter.equivalence import Factors
+
+    module = target.module
+    stored = Factors(module.A, module.B, module.spec.scaling)
+    pair = tensors.get(f"{target.gguf_name}.lora_a"), tensors.get(f"{target.gguf_name}.lora_b")
+    if pair[0] is None or pair[1] is None:
+        certificate.modules[module.name] = 1.0
+        return
+    a, b = _read_tensor(pair[0], fh), _read_tensor(pair[1], fh)
+    if target.embedding:
+        a = a.T
+    if target.heads is not None:
+        b = unpermute_rows(b, target.heads)
+    rank = b.shape[1]
+    scale = float(np.float32(alpha) / np.float32(rank)) if alpha else 1.0
+    certificate.add(module.name, stored, Factors(a, b, scale))

@@ -298,15 +298,15 @@ class PeftFormat(Format):
     def write(self, adapter: Adapter, dest: Path, **options: Any) -> ExportResult:
         """Write a PEFT folder (padded with ``pad_rank``), then re-read it and certify every module's delta."""
         from adapterkit.adapter.equivalence import compare_adapters
+        from adapterkit.adapter.transforms import pad_rank, single_threaded
 
         opts = self.check_options(options)
-        written = adapter
-        if opts["pad_rank"] is not None:
-            from adapterkit.adapter.transforms import pad_rank
-
-            written = pad_rank(adapter, opts["pad_rank"])
-        folder = write_adapter(written, dest)
-        certificate = compare_adapters(adapter, read_adapter(folder), "peft: re-read, scalings as PEFT resolves them")
+        with single_threaded():
+            written = adapter if opts["pad_rank"] is None else pad_rank(adapter, opts["pad_rank"])
+            folder = write_adapter(written, dest)
+            certificate = compare_adapters(
+                adapter, read_adapter(folder), "peft: re-read, scalings as PEFT resolves them"
+            )
         details: dict[str, Any] = {"format": self.name, "certificate": certificate.to_json()}
         if opts["pad_rank"] is not None:
             details.update(pad_rank=opts["pad_rank"], r=written.config["r"], lora_alpha=written.config["lora_alpha"])

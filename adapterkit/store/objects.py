@@ -187,11 +187,15 @@ class ObjectDir:
             return None
         return target
 
-    def read(self, digest: str, size: int | None = None, *, what: str = "object") -> bytes:
-        """The bytes of ``digest``, checked against their size and hash before they are used."""
+    def read(self, digest: str, size: int | None = None, *, what: str = "object", writable: bool = False) -> bytes:
+        """The bytes of ``digest``, checked against their size and hash before they are used.
+
+        ``writable`` returns them in a ``bytearray``, read in place, which tensors can then share
+        without a copy (loading an adapter then holds its weights once, not twice).
+        """
         path = self.path(digest)
         try:
-            data = path.read_bytes()
+            data = _read_into_bytearray(path) if writable else path.read_bytes()
         except FileNotFoundError:
             raise ReferenceNotFoundError(
                 f"{what} (object {digest}) is missing from the store (run `adapterkit verify`)"
@@ -205,3 +209,18 @@ class ObjectDir:
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise IntegrityError(f"{what} (object {digest}) does not match its digest (run `adapterkit verify`)")
         return data
+
+
+def _read_into_bytearray(path: Path) -> bytearray:
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            got = fh.readinto(view[done:])
+            if not got:
+                break
+            done += got
+        view.release()
+    return buffer if done == size else buffer[:done]

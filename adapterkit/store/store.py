@@ -392,11 +392,12 @@ class AdapterStore(StoreLayout):
                 out.append({"digest": digest, "refs": refs, "error": str(exc)})
         return sorted(out, key=lambda item: item["refs"])
 
-    def weights(self, digest: str) -> bytes:
-        """The canonical safetensors bytes of the adapter ``digest``, checked against their digest."""
+    def weights(self, digest: str, *, writable: bool = False) -> bytes:
+        """The canonical safetensors bytes of the adapter ``digest``, checked against their digest
+        (in a ``bytearray`` that tensors can share without a copy when ``writable``)."""
         _, layers = self.manifest(digest)
         weights = next(layer for layer in layers if layer.title == WEIGHTS_NAME)
-        return self.blobs.read(weights.digest, weights.size, what=f"weights of {digest}")
+        return self.blobs.read(weights.digest, weights.size, what=f"weights of {digest}", writable=writable)
 
     def export_files(self, ref: str, dest: str | os.PathLike[str], *, progress: Progress | None = None) -> Path:
         """Write the adapter's stored files (a PEFT folder) at ``dest``, byte-identical to its blobs."""
