@@ -170,6 +170,11 @@ def hostile(world: dict[str, Path], tmp: Path) -> dict[str, list[list[str | Path
         "pull": [["memory://x/a"], [f"{nope}/a"], ["xyz://a"], ["hf://not a repo"], [world["root"]]],
         "plugins": [["--bogus"]],
         "demo": [["--workdir", world["full"]], ["--workdir", world["file"]]],
+        "extract": [
+            ["--base", world["file"], "--tuned", world["file"], "--rank", "4", "--dry-run"],
+            ["--base", world["full"], "--tuned", world["full"], "--rank", "0", "--dry-run"],
+            ["--base", world["file"], "--tuned", world["file"], "--energy", "2", "--out", world["file"]],
+        ],
     }
 
 
