@@ -112,26 +112,29 @@ def derive_seed(seed: int, name: str, index: int) -> int:
 def majority_sign(deltas: list[torch.Tensor], method: str) -> torch.Tensor:
     """TIES sign election over the (pruned) deltas it is given: by ``total`` or ``frequency``.
 
-    Ties go to +1. Accumulated in place, without stacking the deltas into one more N x out x in
-    tensor, and with float operations only (bool-producing comparisons are several times slower
-    on CPU).
+    A ``total`` of exactly zero elects no sign (0), so nothing is kept there: the voters cancel,
+    and keeping the positive ones (mergekit and PEFT elect +1 on a zero total) would turn
+    ``A - A`` into ``|A|`` instead of nothing. A ``frequency`` tie (as many voters each way, common
+    with two parents) goes to +1 as in mergekit and PEFT. Accumulated in place, without stacking
+    the deltas into one more N x out x in tensor, and with float operations only (bool-producing
+    comparisons are several times slower on CPU).
     """
     if method not in ("total", "frequency"):  # the strategies' parameter check says the same first
         raise ValueError(f"parameter 'majority_sign_method' must be one of 'total', 'frequency', got {method!r}")
-    if method == "frequency":
-        votes = deltas[0].sign()
-        for delta in deltas[1:]:
-            votes.add_(delta.sign())
-    else:
+    if method == "total":
         votes = deltas[0].clone()
         for delta in deltas[1:]:
             votes.add_(delta)
-    # +1 where the vote is +0 (a tie, or nothing to vote on); -0 only arises where every delta is 0
+        return votes.sign_()
+    votes = deltas[0].sign()
+    for delta in deltas[1:]:
+        votes.add_(delta.sign())
+    # +1 where the count is +0 (a tie, or nothing to vote on); -0 only arises where every delta is 0
     return torch.ones_like(votes).copysign_(votes)
 
 
 def disjoint_merge(deltas: list[torch.Tensor], weights: list[float], sign: torch.Tensor) -> torch.Tensor:
-    """Mean of the weighted deltas over the parents whose entry agrees with the elected sign (+-1).
+    """Mean of the weighted deltas over the parents whose entry agrees with the elected sign (+-1, or 0: none).
 
     An entry agrees when it is non-zero with the elected sign: ``relu(delta * sign)`` is its
     magnitude where it agrees and 0 elsewhere, so sums and counts need no masks. Overwrites the deltas.
