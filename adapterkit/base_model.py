@@ -33,6 +33,7 @@ __all__ = [
     "base_weight_key",
     "fingerprint",
     "input_embedding",
+    "is_vocabulary_tensor",
     "open_base",
     "read_base_config",
     "read_base_headers",
@@ -140,23 +141,29 @@ def fingerprint(base: str | os.PathLike[str] | BaseModel, *, content: bool = Fal
     return model.fingerprint(content=content)
 
 
-def base_weight_key(module: str, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str | None:
-    """The base tensor that LoRA module ``module`` changes, or None when there is none.
+def base_weight_key(module: str, tensors: dict[str, tuple[str, tuple[int, ...]]], param: str = "weight") -> str | None:
+    """The base tensor holding parameter ``param`` of module ``module`` (its weight: what a LoRA changes), or None.
 
     PEFT names modules by their path in the model it wrapped (``model.layers.0.q_proj`` for a
     causal LM), while the base may have been saved with or without the task head's wrapper, so
     the module path may carry one leading component more or fewer than the tensor names.
     """
-    candidates = [f"{module}.weight"]
+    candidates = [f"{module}.{param}"]
     _, _, rest = module.partition(".")
     if rest:
-        candidates.append(f"{rest}.weight")
+        candidates.append(f"{rest}.{param}")
     for candidate in candidates:
         if candidate in tensors:
             return candidate
-    suffix = f".{module}.weight"
+    suffix = f".{module}.{param}"
     matches = [name for name in tensors if name.endswith(suffix)]
     return matches[0] if len(matches) == 1 else None
+
+
+def is_vocabulary_tensor(name: str, tensors: Shapes) -> bool:
+    """Whether ``name`` has one row per token: the input embedding or an output layer (``lm_head``)."""
+    module = name.rsplit(".", 1)[0]
+    return name == input_embedding(tensors) or module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS
 
 
 #: Output layers that transformers drops from the checkpoint when they are tied to the input embedding.

@@ -759,6 +759,31 @@ def compose(
     _emit(ctx, {**info, "ref": result.ref, "new_bytes": result.new_bytes, "previous": result.previous}, text)
 
 
+#: How ``merge --dry-run`` names each kind of operation (``plan_merge``'s ``op``), in the order it lists them.
+_MERGE_OPERATIONS = {
+    "lora": "LoRA additions",
+    "dora": "DoRA rescales",
+    "bias": "LoRA bias additions",
+    "replace": "tensors replaced by the adapter's copy",
+    "rows": "token row sets replaced",
+}
+
+
+def _merge_operations_text(summary: dict[str, Any]) -> str:
+    """The dry run's line of operations beyond plain LoRA additions, and the tensors it resizes; empty if none."""
+    counts = summary["operations"]
+    if set(counts) <= {"lora"}:
+        return ""
+    parts = [f"{counts[op]} {label}" for op, label in _MERGE_OPERATIONS.items() if counts.get(op)]
+    lines = "\noperations: " + ", ".join(parts)
+    for name, entry in summary["touched"].items():
+        if "base_shape" in entry:
+            lines += f"\nresized: {name} {entry['base_shape']} -> {entry['shape']}"
+    for key, value in summary["config_updates"].items():
+        lines += f"\nconfig.json: {key} = {value}"
+    return lines
+
+
 @cli.command()
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--weights", "-w", metavar="W,...", help="One weight per adapter (negative allowed) [default: 1 each].")
@@ -799,6 +824,7 @@ def merge(
                 f"{_plural(summary['tensors'], 'tensor')} change, {summary['shards']} "
                 f"{_plural(summary['shards'], 'shard')}, {human_size(summary['bytes_written'])} to write to {out_dir}\n"
                 f"cost: about {summary['flops']:.2e} FLOPs, peak about {human_size(summary['peak_bytes'])}"
+                + _merge_operations_text(summary)
                 + "".join(f"\nwarning: {w}" for w in summary["warnings"])
             ),
         )

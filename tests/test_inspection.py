@@ -409,7 +409,7 @@ def test_plan_merge_matches_the_merge_report(parents: list[Adapter], llama_root:
         for module in adapter.modules.values():
             expected += 2 * module.spec.out_features * module.spec.in_features * module.spec.r
             entry = summary["touched"][f"{module.name}.weight"]
-            assert {"adapter": adapters.index(adapter), "module": module.name, "r": module.spec.r,
+            assert {"op": "lora", "adapter": adapters.index(adapter), "module": module.name, "r": module.spec.r,
                     "factor": weight * module.spec.scaling} in entry["contributions"]  # fmt: skip
     assert summary["flops"] == expected
     assert summary["peak_bytes"] > summary["adapter_bytes"] > 0

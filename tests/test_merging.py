@@ -443,18 +443,15 @@ def test_shape_mismatch_is_refused(llama: Case, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        (dict(use_dora=True), "use_dora"),
-        (dict(lora_bias=True), "lora_bias"),
-        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-    ],
+    ("field", "value"), [("layer_replication", [[0, 1], [1, 2]]), ("use_qalora", True), ("init_lora_weights", "pissa")]
 )
-def test_adapters_that_are_not_scaled_ba_are_refused(
-    llama: Case, tmp_path: Path, kwargs: dict[str, Any], field: str
+def test_adapters_whose_change_merge_cannot_know_are_refused(
+    llama: Case, tmp_path: Path, field: str, value: object
 ) -> None:
-    folder = save_lora(llama.model, tmp_path / "lora", target_modules=["q_proj", "v_proj"], **kwargs)
-    assert_refused(UnsupportedAdapterError, repr(field), [read_adapter(folder)], llama.base, tmp_path / "out")
+    """DoRA, lora_bias and the tensors PEFT merges are merged (tests/test_merge_variants.py); these are not."""
+    adapter = read_adapter(llama.loras["attn"])
+    adapter.config = {**adapter.config, field: value}
+    assert_refused(UnsupportedAdapterError, repr(field), [adapter], llama.base, tmp_path / "out")
 
 
 def test_an_embedding_copy_that_differs_from_the_base_is_refused(llama: Case, tmp_path: Path) -> None:
@@ -540,11 +537,13 @@ def test_dtype_names(given: Any, code: str | None) -> None:
     assert parse_dtype(given) == code
 
 
-def test_trained_base_biases_are_refused_naming_the_field(gpt2: Case, tmp_path: Path) -> None:
+def test_trained_base_biases_at_another_weight_are_refused_naming_the_field(gpt2: Case, tmp_path: Path) -> None:
     folder = save_lora(gpt2.model, tmp_path / "lora", target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
+    adapter = read_adapter(folder)
     assert_refused(
-        UnsupportedAdapterError, "field 'bias' is 'all'", [read_adapter(folder)], gpt2.base, tmp_path / "out"
-    )
+        UnsupportedAdapterError, "field 'bias' is 'all'.*weight 1 only", [adapter], gpt2.base, tmp_path / "out",
+        weights=[0.5],
+    )  # fmt: skip
 
 
 def test_a_failure_in_the_writer_thread_is_reported_and_cleaned_up(

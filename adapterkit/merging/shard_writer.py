@@ -1,17 +1,21 @@
 """Writing a merge's output shards: blocks of rows read, updated and written by a few threads.
 
 Each shard is written tensor by tensor in the base's own order. A tensor no adapter touches is
-copied without being decoded. A targeted tensor goes through in blocks of whole rows: a worker
-thread (one per core) reads a block, widens it to float32 (float64 for a float64 base), adds its
-rows of ``sum_i w_i s_i B_i A_i`` in place (``addmm_``: no dense delta is ever formed) and rounds
-it back; the writer thread appends finished blocks in order to the output file
+copied without being decoded. A changed tensor goes through in blocks of whole rows: a worker
+thread (one per core) reads a block (from the base, or from an adapter's own copy of the tensor),
+widens it to float32 (float64 for a float64 base), applies the tensor's steps in place
+(:mod:`adapterkit.merging.steps`: ``addmm_`` for each LoRA, so no dense delta is ever formed) and
+rounds it back; the writer thread appends finished blocks in order to the output file
 (:class:`~adapterkit.files.sequential.SequentialFile`), and a third flushes each finished shard
-to disk while the next one is computed. Memory stays at the adapters plus a few blocks.
+to disk while the next one is computed. A DoRA module whose norms run down the columns needs
+them before its first block is written: they are summed block by block in one read of the base
+tensor first. Memory stays at the adapters plus a few blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import struct
@@ -26,7 +30,8 @@ from adapterkit.adapter.dtypes import DTYPE_SIZES, torch_dtype
 from adapterkit.errors import NonFiniteError
 from adapterkit.files.safetensors import CANONICAL_METADATA, Header, TensorInfo
 from adapterkit.files.sequential import SequentialFile, pread_exact
-from adapterkit.merging.plan import Contribution, MergePlan
+from adapterkit.merging.plan import MergePlan
+from adapterkit.merging.steps import PreparedStep, Replacement, apply_steps, column_norm_squares, prepare_steps
 
 if TYPE_CHECKING:
     import torch
@@ -35,61 +40,13 @@ __all__ = [
     "BLOCK_ELEMENTS",
     "MAX_WORKERS",
     "WRITE_DEPTH",
-    "LowRankUpdate",
     "MergeProgress",
-    "apply_updates",
-    "low_rank_updates",
     "shard_header",
     "write_shards",
 ]
 
 #: ``progress(bytes_done, bytes_total, tensor_name)``, called as each tensor is handed to the writer (output bytes).
 MergeProgress = Callable[[int, int, str], None]
-
-# --- tensor maths (no files) -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LowRankUpdate:
-    """``factor * left @ right``, added to a weight seen as a ``(rows, cols)`` matrix."""
-
-    left: torch.Tensor  # (rows, r)
-    right: torch.Tensor  # (r, cols)
-    factor: float
-
-
-def low_rank_updates(
-    contributions: Sequence[Contribution], device: torch.device, dtype: torch.dtype
-) -> list[LowRankUpdate]:
-    """Each contribution as a row-sliceable update of its base weight, factors in ``dtype`` on ``device``.
-
-    A linear or conv weight is ``(out, in * kernel)`` and gains ``B @ A``; an embedding or a
-    ``fan_in_fan_out`` weight is stored transposed, ``(in, out)``, and gains ``A^T @ B^T`` -- exactly
-    the layout ``LoraModule.delta`` gives. Either way, rows ``i:j`` of the update need only rows
-    ``i:j`` of ``left``, so a weight can be updated a block of rows at a time.
-    """
-    updates = []
-    for contribution in contributions:
-        spec = contribution.module.spec
-        a = contribution.module.A.to(device=device, dtype=dtype).flatten(1)
-        b = contribution.module.B.to(device=device, dtype=dtype).flatten(1)
-        if spec.kind == "embedding" or spec.fan_in_fan_out:
-            updates.append(LowRankUpdate(a.T.contiguous(), b.T.contiguous(), contribution.factor))
-        else:
-            updates.append(LowRankUpdate(b, a, contribution.factor))
-    return updates
-
-
-def apply_updates(block: torch.Tensor, updates: Sequence[LowRankUpdate], first_row: int = 0) -> torch.Tensor:
-    """Add the updates' rows ``first_row : first_row + len(block)`` to ``block`` in place; returns ``block``.
-
-    ``addmm_`` folds each rank-r product straight into the block, so no dense delta is formed beside it.
-    """
-    rows = block.shape[0]
-    for update in updates:
-        block.addmm_(update.left[first_row : first_row + rows], update.right, alpha=update.factor)
-    return block
-
 
 # --- I/O ---------------------------------------------------------------------------------------------------------
 
@@ -240,8 +197,9 @@ def shard_header(order: Sequence[TensorInfo], plan: MergePlan) -> bytes:
     position = 0
     for info in order:
         code = plan.out_dtype(info)
-        nbytes = info.numel * DTYPE_SIZES[code]
-        doc[info.name] = {"dtype": code, "shape": list(info.shape), "data_offsets": [position, position + nbytes]}
+        nbytes = plan.out_numel(info) * DTYPE_SIZES[code]
+        shape = list(plan.out_shape(info))
+        doc[info.name] = {"dtype": code, "shape": shape, "data_offsets": [position, position + nbytes]}
         position += nbytes
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -297,8 +255,9 @@ def _write_shard(src: Path, header: Header, dst: Path, streams: _Streams) -> int
         streams.writer.write(out, buffer, len(prefix))
         written = len(prefix)
         for info in order:
-            written += _write_tensor(in_fd, out, src, header, info, streams)
-            streams.progress.advance(info.numel * DTYPE_SIZES[streams.plan.out_dtype(info)], info.name)
+            nbytes = _write_tensor(in_fd, out, src, header, info, streams)
+            written += nbytes
+            streams.progress.advance(nbytes, info.name)
     finally:
         streams.writer.finish(out)
         streams.writer.close_fd(in_fd)  # after the reads and copies queued from it
@@ -310,40 +269,54 @@ def _write_tensor(
 ) -> int:
     """Queue one tensor's bytes: raw when nothing changes it, else block by block, updated and/or converted.
 
-    A block is a run of whole rows: it is read, widened to float32 (float64 for float64 weights),
-    gets its rows of every low-rank update, and is rounded once into the output dtype.
+    A block is a run of whole rows: it is read (from the base, or from the adapter's copy that
+    replaces the tensor), widened to float32 (float64 for float64 weights), put through the
+    tensor's steps, and rounded once into the output dtype.
     """
     import torch
 
     plan, writer = streams.plan, streams.writer
-    contributions = plan.targets.get(info.name)
+    steps = plan.targets.get(info.name)
     out_code = plan.out_dtype(info)
-    if not contributions and out_code == info.dtype:
+    if not steps and out_code == info.dtype:
         writer.copy(in_fd, out, header.data_start + info.begin, info.nbytes, f"{src}: tensor {info.name!r}")
         return info.nbytes
     in_size, out_size = DTYPE_SIZES[info.dtype], DTYPE_SIZES[out_code]
     in_dtype, out_dtype = torch_dtype(info.dtype), torch_dtype(out_code)
-    updates: list[LowRankUpdate] = []
     compute = torch.float64 if "F64" in (info.dtype, out_code) else torch.float32
-    if contributions:
-        rows, cols = info.shape[0], info.numel // max(info.shape[0], 1)
-        updates = low_rank_updates(contributions, streams.device, compute)
+    source: Replacement | None = None
+    prepared: list[PreparedStep] = []
+    shape = plan.out_shape(info)
+    if steps:
+        # Steps before the last replacement act on values it discards (the plan refuses that across adapters).
+        last = max((i for i, step in enumerate(steps) if isinstance(step, Replacement)), default=-1)
+        if last >= 0:
+            source = steps[last]  # type: ignore[assignment]
+        prepared = prepare_steps(steps[last + 1 :], streams.device, compute)
+        rows = shape[0] if shape else 1
+        cols = plan.out_numel(info) // max(rows, 1)
     else:
         rows, cols = info.numel, 1  # a plain conversion: any run of elements will do
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     start = header.data_start + info.begin
+    if any(p.kind == "dora" and p.axis == "columns" for p in prepared):
+        prepared = _column_scales(
+            prepared, _Block(in_fd, src, info.name, start, 0, rows, cols), in_dtype, compute, streams
+        )
     for first in range(0, rows, step):
         count = min(rows, first + step) - first
-        block = _Block(in_fd, src, info.name, start + first * cols * in_size, first, count, cols)
+        block = _Block(in_fd, src, info.name, start + first * cols * in_size, first, count, cols, source)
         out_buffer = writer.buffer(count * cols * out_size)
-        task = streams.workers.submit(_compute_block, block, in_dtype, out_dtype, compute, updates, out_buffer, streams)
+        task = streams.workers.submit(
+            _compute_block, block, in_dtype, out_dtype, compute, prepared, out_buffer, streams
+        )
         writer.write(out, task, count * cols * out_size)
-    return info.numel * out_size
+    return rows * cols * out_size
 
 
 @dataclass(frozen=True)
 class _Block:
-    """A run of whole rows of one tensor in a base shard."""
+    """A run of whole rows of one tensor in a base shard (or of the adapter's copy that replaces it)."""
 
     fd: int
     path: Path
@@ -352,6 +325,47 @@ class _Block:
     first_row: int
     rows: int
     cols: int
+    source: Replacement | None = None
+
+
+def _read_block(block: _Block, in_dtype: torch.dtype, streams: _Streams) -> torch.Tensor:
+    """The block's base values, in the base's dtype, in this thread's scratch buffer."""
+    import torch
+
+    numel = block.rows * block.cols
+    raw = streams.scratch().get("in", numel * in_dtype.itemsize, torch.uint8)
+    pread_exact(block.fd, memoryview(raw.numpy()), block.offset, f"{block.path}: tensor {block.name!r}")
+    return raw.view(in_dtype)
+
+
+def _column_scales(
+    prepared: list[PreparedStep], whole: _Block, in_dtype: torch.dtype, compute: torch.dtype, streams: _Streams
+) -> list[PreparedStep]:
+    """Each column-wise DoRA step with ``magnitude / || W + s B A ||`` per column, summed over one read of the base.
+
+    Run in the caller's thread before the tensor's first block is queued; holds one block at a time.
+    """
+    import torch
+
+    dora = [i for i, p in enumerate(prepared) if p.kind == "dora" and p.axis == "columns"]
+    squares = {i: torch.zeros(whole.cols, dtype=torch.float64, device=streams.device) for i in dora}
+    step = max(1, BLOCK_ELEMENTS // max(whole.cols, 1))
+    in_size = in_dtype.itemsize
+    for first in range(0, whole.rows, step):
+        count = min(whole.rows, first + step) - first
+        block = dataclasses.replace(
+            whole, offset=whole.offset + first * whole.cols * in_size, first_row=first, rows=count
+        )
+        base = _read_block(block, in_dtype, streams).view(count, whole.cols).to(device=streams.device, dtype=compute)
+        for i in dora:
+            squares[i] += column_norm_squares(base, prepared[i], first)
+    out = list(prepared)
+    for i in dora:
+        norms = squares[i].sqrt_().to(compute).view(1, -1)
+        magnitude = prepared[i].magnitude
+        assert magnitude is not None
+        out[i] = dataclasses.replace(prepared[i], column_scale=magnitude / norms)
+    return out
 
 
 def _compute_block(
@@ -359,28 +373,34 @@ def _compute_block(
     in_dtype: torch.dtype,
     out_dtype: torch.dtype,
     compute: torch.dtype,
-    updates: Sequence[LowRankUpdate],
+    steps: Sequence[PreparedStep],
     out_buffer: torch.Tensor,
     streams: _Streams,
 ) -> torch.Tensor:
-    """Read one block, add its rows of every update (in ``compute`` precision), round it into ``out_buffer``."""
+    """Read one block, apply its rows of every step (in ``compute`` precision), round it into ``out_buffer``."""
     import torch
 
     scratch = streams.scratch()
     numel = block.rows * block.cols
-    raw = scratch.get("in", numel * in_dtype.itemsize, torch.uint8)
-    pread_exact(block.fd, memoryview(raw.numpy()), block.offset, f"{block.path}: tensor {block.name!r}")
-    values = raw.view(in_dtype)
+    if block.source is not None:
+        value = block.source.value.reshape(-1, block.cols)
+        values = value[block.first_row : block.first_row + block.rows].reshape(-1)
+    else:
+        values = _read_block(block, in_dtype, streams)
     out = out_buffer[: numel * out_dtype.itemsize].view(out_dtype)
-    if updates:
+    if steps or block.source is not None:
         work = scratch.get("work", numel, compute, streams.device).view(block.rows, block.cols)
         work.copy_(values.view(block.rows, block.cols))
-        apply_updates(work, updates, block.first_row)
+        base = None
+        if any(step.kind == "dora" and step.axis == "rows" for step in steps[1:]):
+            base = scratch.get("base", numel, compute, streams.device).view(block.rows, block.cols)
+            base.copy_(work)
+        apply_steps(work, steps, block.first_row, base)
         out.copy_(work.view(-1))
     else:
         out.copy_(values)
     if not bool(torch.isfinite(out).all()):  # a NaN is never written; the merge fails and publishes nothing
-        raise _non_finite(block, values, bool(updates), out_dtype)
+        raise _non_finite(block, values, bool(steps) or block.source is not None, out_dtype)
     return out_buffer
 
 

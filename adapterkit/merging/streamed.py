@@ -16,6 +16,14 @@ the base read the result the same way.
 The output folder is built next to ``out_dir`` under a hidden temporary name and renamed into
 place only when complete: a merge that fails or is interrupted leaves nothing at ``out_dir``.
 
+Beyond LoRA factors, a merge applies what PEFT's ``merge_and_unload`` applies (see
+:mod:`adapterkit.merging.steps`): DoRA modules (each row or column rescaled to the norm its
+magnitude vector gives, the norms taken on the base plus that module's own change, as PEFT's
+multi-adapter merge and forward take them), ``lora_bias`` vectors, ``modules_to_save`` copies
+(an embedding and output layer resized for added tokens included: config.json's ``vocab_size``
+follows), trained biases and trainable tokens. Adapters are applied in the order given. Those
+that replace values or set norms outright merge at weight 1 only.
+
 Semantics follow PEFT's ``merge_and_unload`` on the same inputs, with two deliberate notes:
 
 * The sum is formed in float32 and rounded once into the base's dtype, where PEFT rounds each
@@ -45,8 +53,8 @@ from adapterkit.base_model import INDEX_NAME, fingerprint
 from adapterkit.devices import resolve_device
 from adapterkit.errors import InvalidInputError, MergeError
 from adapterkit.files.fsutil import fsync_dir, fsync_file
-from adapterkit.merging.plan import CONFIG_NAME, Contribution, MergePlan, build_plan
-from adapterkit.merging.shard_writer import LowRankUpdate, MergeProgress, apply_updates, low_rank_updates, write_shards
+from adapterkit.merging.plan import CONFIG_NAME, MergePlan, build_plan
+from adapterkit.merging.shard_writer import MergeProgress, write_shards
 
 if TYPE_CHECKING:
     import torch
@@ -54,14 +62,10 @@ if TYPE_CHECKING:
     from adapterkit.adapter.model import Adapter
 
 __all__ = [
-    "Contribution",
-    "LowRankUpdate",
     "MergeError",
     "MergePlan",
     "MergeProgress",
     "MergeReport",
-    "apply_updates",
-    "low_rank_updates",
     "merge",
 ]
 
@@ -121,16 +125,18 @@ def _write_index(plan: MergePlan, tmp: Path) -> None:
 
 
 def _copy_files(plan: MergePlan, tmp: Path) -> list[str]:
-    """Copy config, tokenizer and the like; config.json gets the new dtype when there is one."""
+    """Copy config, tokenizer and the like; config.json gets the new dtype and vocabulary size when they change."""
     copied = []
     for path in plan.copy_files:
         target = tmp / path.name
-        if path.name == CONFIG_NAME and plan.dtype is not None:
+        if path.name == CONFIG_NAME and (plan.dtype is not None or plan.config_updates):
             config = dict(plan.config or {})
-            name = CONFIG_DTYPE_NAMES[plan.dtype]
-            keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
-            for key in keys:
-                config[key] = name
+            if plan.dtype is not None:
+                name = CONFIG_DTYPE_NAMES[plan.dtype]
+                keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
+                for key in keys:
+                    config[key] = name
+            config.update(plan.config_updates)
             target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         else:
             shutil.copyfile(path, target)
