@@ -4,16 +4,18 @@
 
 Builds a synthetic bfloat16 Llama base of about --size-gb (random tensors written with
 safetensors straight from a LlamaConfig's shapes, in ~500 MB shards; no model is instantiated)
-and a PEFT LoRA adapter (r=16 on every attention and MLP projection), then runs, each in its own
+and a PEFT LoRA adapter (r=16 on every attention and MLP projection), plus the same adapter as
+DoRA (the same factors and a magnitude vector per module, ``use_dora``), then runs, each in its own
 subprocess so that its peak RSS (``ru_maxrss`` from ``wait4``) is its own:
 
-  * adapterkit ``merge`` (read_adapter + merge, CPU);
+  * adapterkit ``merge`` (read_adapter + merge, CPU), of the LoRA and of the DoRA adapter;
   * PEFT: ``from_pretrained`` in bf16 + ``PeftModel.from_pretrained`` + ``merge_and_unload`` +
-    ``save_pretrained`` with the base's shard size;
+    ``save_pretrained`` with the base's shard size, of both adapters;
   * ``cp -r`` of the base folder, and ``cp -r`` followed by ``sync``.
 
 Prints wall time and peak RSS of each (medians of --repeat runs, page cache warm) and the ratios
-against the targets: RSS <= 1/4 of PEFT's and <= 600 MB; time <= PEFT's; time <= 2x cp.
+against the targets: RSS <= 1/4 of PEFT's and <= 600 MB; time <= PEFT's; time <= 2x cp; the
+DoRA merge's RSS within 10% of the LoRA merge's and its time <= 1.5x it.
 
 Two things to keep in mind when reading the ratio to ``cp``. adapterkit's merge is durable: every
 shard is fsynced before the output folder is renamed into place (so a crash never leaves a
@@ -118,8 +120,12 @@ def make_base(folder: Path, size_gb: float) -> int:
     return total
 
 
-def make_adapter(folder: Path, base: Path, r: int = 16) -> int:
-    """A PEFT LoRA folder with random float32 factors on every projection of every layer."""
+def make_adapter(folder: Path, base: Path, r: int = 16, dora: bool = False) -> int:
+    """A PEFT LoRA folder with random float32 factors on every projection of every layer.
+
+    With ``dora``, the same factors (same seed) and a DoRA magnitude vector per module: the norms
+    of the base's rows (0.02 * sqrt(in), as ``make_base`` draws them) moved by a few percent.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -143,6 +149,9 @@ def make_adapter(folder: Path, base: Path, r: int = 16) -> int:
             key = f"base_model.model.model.layers.{i}.{part}.{proj}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in)
             tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=gen) * 0.01
+            if dora:
+                noise = torch.randn(fan_out, generator=torch.Generator().manual_seed(len(tensors)))
+                tensors[f"{key}.lora_magnitude_vector"] = 0.02 * math.sqrt(fan_in) * (1 + 0.05 * noise)
     folder.mkdir(parents=True)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     peft_config = {
@@ -154,6 +163,7 @@ def make_adapter(folder: Path, base: Path, r: int = 16) -> int:
         "target_modules": TARGETS,
         "lora_dropout": 0.0,
         "bias": "none",
+        "use_dora": dora,
     }
     (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return (folder / "adapter_model.safetensors").stat().st_size
@@ -167,6 +177,7 @@ def child_build(work: str, size_gb: str) -> None:
     starts from its parent's, and would hide the numbers being measured."""
     total = make_base(Path(work) / "base", float(size_gb))
     adapter_bytes = make_adapter(Path(work) / "adapter", Path(work) / "base")
+    make_adapter(Path(work) / "dora", Path(work) / "base", dora=True)
     print(json.dumps({"total": total, "adapter": adapter_bytes}))
 
 
@@ -235,12 +246,14 @@ def main() -> None:
             f"(r=16 on {len(TARGETS)} projections per layer); built in {time.perf_counter() - started:.0f} s; "
             f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}"
         )
-        adapter, base = str(work / "adapter"), str(work / "base")
+        adapter, dora, base = str(work / "adapter"), str(work / "dora"), str(work / "base")
         programs = {
             "adapterkit merge": lambda out: [*me, "--child", "adapterkit", adapter, base, out],
             "peft merge_and_unload": lambda out: [*me, "--child", "peft", adapter, base, out],
             "cp -r": lambda out: ["cp", "-r", base, out],
             "cp -r && sync": lambda out: ["sh", "-c", 'cp -r "$0" "$1" && sync', base, out],
+            "adapterkit merge, DoRA": lambda out: [*me, "--child", "adapterkit", dora, base, out],
+            "peft, DoRA": lambda out: [*me, "--child", "peft", dora, base, out],
         }
         subprocess.run(["cat", *map(str, sorted((work / "base").iterdir()))], stdout=subprocess.DEVNULL, check=True)
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in programs}
@@ -257,7 +270,7 @@ def main() -> None:
         for name, (seconds, rss, inside) in summary.items():
             past = f"{inside:11.2f} s" if not name.startswith("cp") else f"{'':13s}"
             print(f"{name:24s} {seconds:7.2f} s {past} {rss:7.0f} MB")
-        (ak_t, ak_m, ak_in), (pf_t, pf_m, pf_in), (cp_t, _, _), (sync_t, _, _) = summary.values()
+        (ak_t, ak_m, ak_in), (pf_t, pf_m, pf_in), (cp_t, _, _), (sync_t, _, _), dora_ak, dora_pf = summary.values()
         checks = [
             (f"RSS adapterkit / PEFT  = {ak_m / pf_m:.3f}", "<= 0.25", ak_m / pf_m <= 0.25),
             (f"RSS adapterkit         = {ak_m:.0f} MB", "<= 600 MB", ak_m <= 600),
@@ -265,6 +278,14 @@ def main() -> None:
             (f"time adapterkit / cp   = {ak_t / cp_t:.2f}", "<= 2", ak_t <= 2 * cp_t),
             (f"past imports / cp      = {ak_in / cp_t:.2f}", "<= 2", ak_in <= 2 * cp_t),
             (f"time adapterkit / (cp && sync) = {ak_t / sync_t:.2f}", "<= 2", ak_t <= 2 * sync_t),
+            (f"DoRA RSS / LoRA RSS    = {dora_ak[1] / ak_m:.3f}", "<= 1.10", dora_ak[1] <= 1.1 * ak_m),
+            (f"DoRA time / LoRA time  = {dora_ak[0] / ak_t:.2f}", "<= 1.5", dora_ak[0] <= 1.5 * ak_t),
+            (f"DoRA: adapterkit / PEFT time = {dora_ak[0] / dora_pf[0]:.2f}", "<= 1", dora_ak[0] <= dora_pf[0]),
+            (
+                f"DoRA: adapterkit / PEFT RSS  = {dora_ak[1] / dora_pf[1]:.3f}",
+                "<= 0.25",
+                dora_ak[1] <= 0.25 * dora_pf[1],
+            ),
         ]
         for text, target, ok in checks:
             print(f"{text:34s} (target {target:>9s}) {'ok' if ok else 'MISSED'}")
