@@ -68,10 +68,7 @@ _LORA_BIAS_SUFFIX = ".lora_B.bias"
 _TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 #: Why an adapter that replaces values or sets norms merges at weight 1 only.
 _WEIGHT_ONE = {
-    "dora": (
-        "its magnitude vectors set each weight's norms outright (m * (W + sBA) / ||W + sBA||), so a weight has no "
-        "defined meaning: scaling sBA or m is not a fraction of the adapter"
-    ),
+    "dora": "its magnitude vectors set each feature's norm outright, so a weight has no defined meaning",
     "replace": "it replaces the base's values instead of adding to them, so a weight has no defined meaning",
 }
 
