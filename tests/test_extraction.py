@@ -316,6 +316,23 @@ def test_peft_logits_at_full_rank_equal_the_tuned_model(
     assert max_abs_diff(before, expected) > 0.1  # the fine-tune moved the logits
 
 
+def test_merging_a_full_rank_extraction_with_its_carried_tensors_gives_the_tuned_weights(
+    llama_pair: tuple[Any, Any, Path, Path, Changes], tmp_path: Path
+) -> None:
+    """extract then merge closes the loop: the modules_to_save copy (the final norm) is merged back too."""
+    from safetensors.torch import load_file
+
+    _, tuned, base_dir, tuned_dir, changes = llama_pair
+    adapter = extract(base_dir, tuned_dir, rank=128, keep_changed=True)
+    adapterkit.merge([adapter], None, base_dir, tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    expected = weights(tuned)
+    assert torch.equal(merged["model.norm.weight"], expected["model.norm.weight"])  # carried in full: exact
+    for name in changes:
+        scale = expected[name].abs().max().item()
+        assert max_abs_diff(merged[name], expected[name]) < 1e-5 * scale, name
+
+
 def test_peft_logits_at_low_rank_within_what_the_rank_allows(
     llama_pair: tuple[Any, Any, Path, Path, Changes], tmp_path: Path
 ) -> None:
