@@ -88,6 +88,24 @@ def tiny_gpt2(seed: int = 0) -> Any:
     return GPT2LMHeadModel(config).eval()
 
 
+def tiny_bert_classifier(seed: int = 0) -> Any:
+    """A tiny BERT sequence classifier (3 labels): PEFT's ``task_type="SEQ_CLS"`` adds its ``classifier`` to
+    ``modules_to_save``, so the trained head travels in the adapter as a full copy."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
 class TinyConvNet(nn.Module):
     """A custom (non-transformers) model: PEFT LoRA supports it through plain ``target_modules``.
 
@@ -127,7 +145,12 @@ def save_base(model: Any, path: Path, max_shard_size: str | int | None = None) -
 
 
 def make_lora(base: Any, seed: int = 1, **lora_kwargs: Any) -> Any:
-    """A PEFT LoRA model on a copy of ``base`` with random (non-zero) A and B, so its delta is non-trivial."""
+    """A PEFT LoRA model on a copy of ``base`` with random (non-zero) A and B, so its delta is non-trivial.
+
+    Whatever else the config trains starts equal to the base (or at zero) and is perturbed too, so that an
+    adapter which dropped it would give a different model: DoRA magnitudes, ``modules_to_save`` copies,
+    ``lora_B``'s bias, the base biases ``bias="all"`` / ``"lora_only"`` trains, ``trainable_tokens_delta``.
+    """
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -136,12 +159,23 @@ def make_lora(base: Any, seed: int = 1, **lora_kwargs: Any) -> Any:
     params.update(lora_kwargs)
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), LoraConfig(**params))
-    if params.get("use_dora") or params.get("modules_to_save") or params.get("lora_bias"):
-        # DoRA magnitudes start at the base weight norms, modules_to_save copies start equal to the base and
-        # lora_B's bias at zero: perturb them all so that dropping or mixing them up changes the output.
+    biases = params.get("bias", "none") != "none"
+    tokens = bool(params.get("trainable_token_indices"))
+    # a task type can add modules_to_save of its own (SEQ_CLS: the classifier)
+    copies = bool(params.get("modules_to_save")) or any("modules_to_save" in n for n, _ in model.named_parameters())
+    if params.get("use_dora") or copies or params.get("lora_bias") or biases or tokens:
+        # DoRA magnitudes start at the base weight norms, modules_to_save copies, trained biases and trainable
+        # token rows start equal to the base and lora_B's bias at zero: perturb them all so that dropping or
+        # mixing them up changes the output.
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if "lora_magnitude_vector" in name or "modules_to_save" in name or "lora_B" in name:
+                if (
+                    "lora_magnitude_vector" in name
+                    or "modules_to_save" in name
+                    or "lora_B" in name
+                    or (biases and param.requires_grad and name.endswith(".bias"))
+                    or (tokens and "trainable_tokens_delta" in name)
+                ):
                     param.add_(torch.randn_like(param) * 0.1)
     return model.eval()
 
