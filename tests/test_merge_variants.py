@@ -555,3 +555,49 @@ def test_a_sharded_base_gives_the_same_tensors_as_a_single_file(llama: Base, tmp
     assert all(same_bits(streamed[key], single[key]) for key in single)
     expected = peft_single(llama, folder, tmp_path)
     assert len(assert_equals_peft(tmp_path / "out", sharded, expected)) == 6
+
+
+# --- the dry run --------------------------------------------------------------------------------------------------
+
+
+def test_the_dry_run_lists_every_operation_and_the_resize(llama: Base, tmp_path: Path) -> None:
+    """merge --dry-run names what a merge will do beyond LoRA additions, and counts the carried tensors' memory."""
+    from click.testing import CliRunner
+
+    from adapterkit import Store, plan_merge
+    from adapterkit.cli import cli
+
+    resized = copy.deepcopy(llama.model)
+    resized.resize_token_embeddings(136)
+    copies = save_lora(resized, tmp_path / "resized", modules_to_save=["embed_tokens", "lm_head"])
+    dora = save_lora(llama.model, tmp_path / "dora", **LLAMA_DORA)
+    adapters = [read_adapter(dora), read_adapter(copies)]
+    summary = plan_merge(adapters, None, llama.path)
+    assert summary["operations"] == {"dora": 6, "lora": 4, "replace": 2}
+    assert summary["config_updates"] == {"vocab_size": 136}
+    embed = summary["touched"]["model.embed_tokens.weight"]
+    assert embed["base_shape"] == [128, 32] and embed["shape"] == [136, 32]
+    assert [c["op"] for c in embed["contributions"]] == ["replace"]
+    q = summary["touched"]["model.layers.0.self_attn.q_proj.weight"]["contributions"]
+    assert [(c["op"], c["adapter"], c.get("norms")) for c in q] == [("dora", 0, "rows"), ("lora", 1, None)]
+    carried = sum(t.numel() * t.element_size() for a in adapters for t in a.extra_tensors.values())
+    assert summary["adapter_bytes"] == sum(a.factor_bytes for a in adapters) + carried
+    # the plan is the merge's: the same tensors change, and the output holds what the plan said it would
+    report = merge(adapters, None, llama.path, tmp_path / "out")
+    assert report.merged_tensors == summary["merged_tensors"]
+    assert report.bytes_written == summary["bytes_written"]
+
+    store = Store(tmp_path / "store")
+    for name, folder in (("dora", dora), ("copies", copies)):
+        store.add(folder, tag=f"me/{name}")
+    result = CliRunner().invoke(
+        cli,
+        ["--store", str(tmp_path / "store"), "merge", "me/dora", "me/copies", "--base", str(llama.path), "--out",
+         str(tmp_path / "cli-out"), "--dry-run"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "operations: 4 LoRA additions, 6 DoRA rescales, 2 tensors replaced by the adapter's copy" in lines
+    assert "resized: model.embed_tokens.weight [128, 32] -> [136, 32]" in lines
+    assert "config.json: vocab_size = 136" in lines
+    assert not (tmp_path / "cli-out").exists()
