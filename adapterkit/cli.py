@@ -334,7 +334,7 @@ def show(ctx: click.Context, ref: str) -> None:
             f"size:        {human_size(info['size'])}",
         ]
         if info["carried"]:
-            lines.append(f"carried:     {', '.join(info['carried'])} (kept as is, not interpreted)")
+            lines.append(f"carried:     {', '.join(info['carried'])} (beyond plain LoRA; stored and exported as is)")
         lineage = info["lineage"]
         if lineage and lineage.get("source"):
             source = lineage["source"]
@@ -353,9 +353,49 @@ def show(ctx: click.Context, ref: str) -> None:
             # GPT-2's Conv1D stores its weight transposed: PEFT must be told (fan_in_fan_out), and so must a reader.
             kind = f"{m['kind']} (fan_in_fan_out)" if m.get("fan_in_fan_out") else m["kind"]
             lines.append(f"  {m['name']}  {kind}  r={m['r']} alpha={m['alpha']} scaling={m['scaling']:g}  {shape}")
+        if info.get("extras"):
+            lines.append("extras:")
+            lines.extend(_extras_lines(info))
         return "\n".join(lines)
 
     _emit(ctx, info, text)
+
+
+#: How ``show`` names each kind of tensor an adapter carries beyond its LoRA factors.
+_EXTRA_LABELS = {
+    "dora_magnitude": "DoRA magnitude vectors",
+    "lora_bias": "lora_B biases",
+    "modules_to_save": "modules_to_save copies",
+    "trained_bias": "trained biases",
+    "trainable_tokens": "trainable tokens",
+    "base_copy": "base layer copies",
+    "other": "other tensors",
+}
+#: Modules named in a line of ``show``'s extras before the rest are counted.
+_EXTRA_NAMES_SHOWN = 4
+
+
+def _extras_lines(info: dict[str, Any]) -> list[str]:
+    """One line per kind of extra tensor: how many modules carry it, and which."""
+    lora_modules = sorted(m["name"] for m in info["modules"])
+    width = max(len(_EXTRA_LABELS.get(kind, kind)) for kind in info["extras"])
+    lines = []
+    for kind, entry in info["extras"].items():
+        names = entry["modules"]
+        if kind in ("dora_magnitude", "lora_bias") and names == lora_modules:
+            where = "one per LoRA module"
+        else:
+            tokens = entry.get("tokens", {})
+            shown = [f"{n} ({_plural_count(tokens[n], 'token')})" if n in tokens else n for n in names]
+            where = ", ".join(shown[:_EXTRA_NAMES_SHOWN])
+            if len(shown) > _EXTRA_NAMES_SHOWN:
+                where += f" and {len(shown) - _EXTRA_NAMES_SHOWN} more"
+        if kind == "trained_bias":
+            where += f" (bias={info['peft_config'].get('bias')!r})"
+        elif kind == "base_copy":
+            where += " (saved by PEFT beside the factors)"
+        lines.append(f"  {_EXTRA_LABELS.get(kind, kind):<{width}}  {len(names):>3}  {where}")
+    return lines
 
 
 @cli.command()
@@ -879,11 +919,21 @@ def inspect(
 def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path | None) -> str:
     lines = []
     for ref, item in zip(refs, report["adapters"], strict=True):
-        lines.append(
+        # A DoRA adapter's s*B@A is the direction of its update; its magnitude vectors set the norms.
+        directional = item.get("update") == "directional"
+        line = (
             f"{ref}: {_modules_text(item)}, "
             f"ranks {_span(item['ranks'])}, "
-            f"mean effective rank {item['mean_effective_rank']:.1f}, |delta| {item['frobenius_norm']:.3g}"
+            f"mean effective rank {item['mean_effective_rank']:.1f}, "
+            f"|{'directional update' if directional else 'delta'}| {item['frobenius_norm']:.3g}"
         )
+        norms = [m["magnitude"]["norm"] for m in item["modules"].values() if "magnitude" in m]
+        if directional:
+            total = sum(norm**2 for norm in norms) ** 0.5
+            line += f", DoRA: {_plural_count(len(norms), 'magnitude vector')}, |m| {total:.3g}"
+        lines.append(line)
+    if report.get("not_computed"):
+        lines.append(f"interference and energy not computed: {report['not_computed']}")
     interference = report["interference"]
     if interference:
         for pair in interference["pairs"]:
@@ -895,9 +945,10 @@ def _inspect_text(report: dict[str, Any], refs: tuple[str, ...], plot_path: Path
                 f"{_plural(pair['shared_modules'], 'module')}, "
                 f"sign conflicts {conflict}"
             )
-    overall = report["energy"]["overall"]
-    kept = ", ".join(f"{float(k):.0%} at rank {v}" for k, v in overall["ranks_for_energy"].items())
-    lines.append(f"energy of the {'blend' if len(refs) > 1 else 'adapter'} kept by svd --rank K: {kept}")
+    if report["energy"] is not None:
+        overall = report["energy"]["overall"]
+        kept = ", ".join(f"{float(k):.0%} at rank {v}" for k, v in overall["ranks_for_energy"].items())
+        lines.append(f"energy of the {'blend' if len(refs) > 1 else 'adapter'} kept by svd --rank K: {kept}")
     if plot_path is not None:
         lines.append(f"plot written to {plot_path}")
     return "\n".join(lines)

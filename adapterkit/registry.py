@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import ModuleSpec
+from adapterkit.adapter.extras import extras_by_kind, token_counts
 from adapterkit.adapter.metadata import build_metadata
 from adapterkit.base_model import BaseModel, open_base
 from adapterkit.errors import BaseModelError, InvalidInputError, UnknownFormatError
@@ -168,6 +169,26 @@ class Store(AdapterStore):
             return scanned(chunks, TensorScan(f"{where}: {WEIGHTS_NAME}", defer=True))
 
         return super().receive(manifest, fetch, tag, message, where=where, inspect=scan_weights)
+
+    def describe(self, digest: str, *, refs: list[str] | None = None, modules: bool = True) -> dict[str, Any]:
+        """What ``show`` prints; with ``modules``, also ``extras``: what the weights file holds beyond the factors.
+
+        ``extras`` maps each kind of extra tensor (:data:`adapterkit.adapter.extras.EXTRA_KINDS`:
+        DoRA magnitude vectors, lora_B biases, ``modules_to_save`` copies, trained biases, trainable
+        tokens, PEFT's copies of base layers) to ``{"modules": [...]}``, the modules carrying it,
+        with ``"tokens": {module: count}`` for trainable tokens. Read from the key names the
+        metadata records, so ``show`` stays torch-free and reads no weights.
+        """
+        info = super().describe(digest, refs=refs, modules=modules)
+        if modules:
+            config = info["peft_config"]
+            extras: dict[str, Any] = {
+                kind: {"modules": names} for kind, names in extras_by_kind(info["extra_tensors"], config).items()
+            }
+            if "trainable_tokens" in extras:
+                extras["trainable_tokens"]["tokens"] = token_counts(config, extras["trainable_tokens"]["modules"])
+            info["extras"] = extras
+        return info
 
     def get(self, ref: str) -> Adapter:
         """Load the adapter ``ref`` names into memory (every byte checked against its digest).

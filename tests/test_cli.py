@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -228,3 +229,80 @@ def test_running_out_of_memory_is_one_line(tmp_path: Path, monkeypatch: pytest.M
     assert result.stderr == "Error: out of memory: the adapters or the model do not fit in this machine's RAM\n"
     as_json = CliRunner().invoke(cli, ["--store", str(tmp_path / "store"), "--json", "list"])
     assert json.loads(as_json.stdout)["error"]["type"] == "MemoryError"
+
+
+@pytest.fixture(scope="module")
+def extras_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding adapters that carry each kind of tensor beyond the LoRA factors."""
+    import torch
+    from helpers import make_lora
+
+    root = tmp_path_factory.mktemp("extras")
+    base, biased = tiny_llama(), tiny_llama(attention_bias=True)
+    specs: dict[str, tuple[Any, dict[str, Any]]] = {
+        "dora": (base, dict(use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens"])),
+        "head": (base, dict(modules_to_save=["lm_head"])),
+        "lora-bias": (base, dict(lora_bias=True, target_modules=["q_proj"])),
+        "tokens": (base, dict(trainable_token_indices={"embed_tokens": [1, 2, 3]})),
+        "biases": (biased, dict(bias="all")),
+    }
+    store = root / "store"
+    for name, (model, spec) in specs.items():
+        peft_model = make_lora(model, **spec)
+        with torch.no_grad():
+            for key, param in peft_model.named_parameters():
+                if key.endswith(".bias") and "lora_" not in key:
+                    param.add_(1.0)  # trained biases: saved only where they moved
+        peft_model.save_pretrained(root / name)
+        run("--store", store, "add", root / name, "--tag", f"x/{name}")
+    return store
+
+
+def test_show_lists_what_an_adapter_carries_beyond_its_factors(extras_store: Path) -> None:
+    def section(ref: str) -> list[str]:
+        text = run("--store", extras_store, "show", ref).splitlines()
+        return text[text.index("extras:") + 1 :]
+
+    assert section("x/dora") == [
+        "  DoRA magnitude vectors    5  one per LoRA module",
+        "  base layer copies         1  model.embed_tokens (saved by PEFT beside the factors)",
+    ]
+    assert section("x/head") == ["  modules_to_save copies    1  lm_head"]
+    assert section("x/lora-bias") == [
+        "  lora_B biases    2  one per LoRA module",
+    ]
+    assert section("x/tokens") == ["  trainable tokens    1  model.embed_tokens (3 tokens)"]
+    assert section("x/biases") == [
+        "  trained biases    8  model.layers.0.self_attn.k_proj, model.layers.0.self_attn.o_proj, "
+        "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj and 4 more (bias='all')"
+    ]
+    shown = json.loads(run("--store", extras_store, "show", "x/tokens", "--json"))
+    assert shown["extras"] == {
+        "trainable_tokens": {"modules": ["model.embed_tokens"], "tokens": {"model.embed_tokens": 3}}
+    }
+    dora = json.loads(run("--store", extras_store, "show", "x/dora", "--json"))["extras"]["dora_magnitude"]
+    assert dora["modules"][0] == "model.embed_tokens" and len(dora["modules"]) == 5
+    probe = (  # describing the extras reads key names only: show stays torch-free
+        "import sys\n"
+        "from adapterkit.cli import cli\n"
+        "cli.main(['--store', sys.argv[1], 'show', 'x/dora'], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(extras_store)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_show_of_a_plain_adapter_has_no_extras(store: Path) -> None:
+    assert "extras:" not in run("--store", store, "show", "team/a:v1")
+    assert json.loads(run("--store", store, "show", "team/a:v1", "--json"))["extras"] == {}
+
+
+def test_inspect_text_of_a_dora_adapter(extras_store: Path) -> None:
+    lines = run("--store", extras_store, "inspect", "x/dora", "x/head").splitlines()
+    assert lines[0].startswith("x/dora: 5 modules, ")
+    assert "|directional update| " in lines[0] and ", DoRA: 5 magnitude vectors, |m| " in lines[0]
+    assert lines[1].startswith("x/head: 4 modules, ") and "|delta| " in lines[1] and "DoRA" not in lines[1]
+    assert lines[2].startswith("interference and energy not computed: adapter 1 (sha256:")
+    assert "is DoRA (field 'use_dora')" in lines[2] and len(lines) == 3
+    result = CliRunner().invoke(cli, ["--store", str(extras_store), "inspect", "x/dora", "--plot", "x.png"])
+    assert result.exit_code == 1 and "nothing to plot: adapter 1 (sha256:" in result.stderr

@@ -249,10 +249,18 @@ def test_bad_requests_get_clear_errors(parents: list[Adapter]) -> None:
         compose(parents, [1, float("nan"), 1])
 
 
-def test_dora_parents_are_refused(base: torch.nn.Module, tmp_path: Path) -> None:
-    dora = read_adapter(save_lora(base, tmp_path / "dora", seed=1, use_dora=True))
-    with pytest.raises(UnsupportedAdapterError, match="use_dora"):
-        compose([dora], [1.0])
+def test_dora_parents_are_refused_with_the_way_to_a_plain_lora(
+    base: torch.nn.Module, parents: list[Adapter], tmp_path: Path
+) -> None:
+    """DoRA's change depends on the base's norms: no delta to blend, so compose says why and how to get one."""
+    dora = read_adapter(save_lora(base, tmp_path / "dora", seed=1, use_dora=True, modules_to_save=["lm_head"]))
+    for adapters in ([dora], [parents[0], dora]):
+        with pytest.raises(UnsupportedAdapterError, match="sets 'use_dora': a DoRA module's change depends") as info:
+            compose(adapters)
+        message = str(info.value)
+        assert "not a low-rank delta that can be blended" in message
+        assert "adapterkit merge" in message and "adapterkit extract --base BASE --tuned MERGED" in message
+        assert "\n" not in message
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")

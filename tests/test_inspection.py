@@ -259,10 +259,10 @@ def test_zero_deltas_give_zeros_not_nan(parents: list[Adapter]) -> None:
 
 
 def test_inspect_refuses_what_compose_refuses(parents: list[Adapter]) -> None:
-    dora = copy.copy(parents[0])
-    dora.config = {**parents[0].config, "use_dora": True}
-    with pytest.raises(UnsupportedAdapterError, match="use_dora"):
-        inspect([dora])
+    pissa = copy.copy(parents[0])
+    pissa.config = {**parents[0].config, "init_lora_weights": "pissa"}
+    with pytest.raises(UnsupportedAdapterError, match="init_lora_weights"):
+        inspect([pissa])
     first, other = copy.copy(parents[0]), copy.copy(parents[1])
     first.config = {**parents[0].config, "base_model_name_or_path": "org/a"}
     other.config = {**parents[1].config, "base_model_name_or_path": "org/b"}
@@ -271,6 +271,65 @@ def test_inspect_refuses_what_compose_refuses(parents: list[Adapter]) -> None:
     assert inspect([first, other], force=True)["interference"]["pairs"]
     with pytest.raises(CompositionError, match="2 weights for 3 adapters"):
         inspect(parents, [1, 2])
+
+
+# --- DoRA: the directional update and the magnitudes ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_lora(
+        tiny_llama(),
+        tmp_path_factory.mktemp("dora") / "dora",
+        seed=4,
+        use_dora=True,
+        target_modules=["q_proj", "o_proj"],
+    )
+
+
+def test_inspect_describes_a_dora_adapter(dora_folder: Path) -> None:
+    """Per module: the spectrum of s*B@A (the directional update) and the magnitude vector PEFT loads."""
+    from helpers import load_peft, lora_layers
+
+    dora = read_adapter(dora_folder)
+    report = inspect([dora], rank_curve=True)
+    json.dumps(report, allow_nan=False)
+    (entry,) = report["adapters"]
+    assert entry["update"] == "directional"
+    plain = copy.copy(dora)  # the same factors read as a plain LoRA: its delta is the directional update
+    plain.config = {k: v for k, v in dora.config.items() if k != "use_dora"}
+    check_adapter_stats([plain], report)
+    layers = lora_layers(load_peft(tiny_llama(), dora_folder))
+    assert set(entry["modules"]) == set(layers) and len(layers) == 4
+    for name, module in entry["modules"].items():
+        vector = layers[name].lora_magnitude_vector["default"].weight.detach().double()
+        stats = module["magnitude"]
+        assert stats["length"] == vector.numel() == dora.modules[name].spec.out_features
+        assert stats["min"] == pytest.approx(float(vector.min()), rel=1e-12)
+        assert stats["max"] == pytest.approx(float(vector.max()), rel=1e-12)
+        assert stats["mean"] == pytest.approx(float(vector.mean()), rel=1e-12)
+        assert stats["norm"] == pytest.approx(float(vector.norm()), rel=1e-12)
+    assert report["interference"] is None and report["energy"] is None
+    assert "'use_dora'" in report["not_computed"] and "not a delta that sums" in report["not_computed"]
+    with pytest.raises(InvalidInputError, match="nothing to plot: adapter 1 is DoRA"):
+        plot(report, Path("never.png"))
+
+
+def test_inspect_leaves_out_interference_with_a_dora_adapter(parents: list[Adapter], dora_folder: Path) -> None:
+    """A DoRA change is not a delta that sums: no cosines or energy of a blend, each adapter still described."""
+    dora = read_adapter(dora_folder)
+    report = inspect([parents[0], dora], [0.5, 1.0])
+    assert [a["update"] for a in report["adapters"]] == ["delta", "directional"]
+    assert "magnitude" not in next(iter(report["adapters"][0]["modules"].values()))
+    assert report["interference"] is None and report["energy"] is None
+    assert report["not_computed"].startswith("adapter 2 is DoRA (field 'use_dora')")
+    assert inspect(parents[:2])["not_computed"] is None
+    other = copy.copy(dora)
+    other.config = {**dora.config, "base_model_name_or_path": "org/other"}
+    first = copy.copy(parents[0])
+    first.config = {**parents[0].config, "base_model_name_or_path": "org/first"}
+    with pytest.raises(IncompatibleAdaptersError, match="different base models"):
+        inspect([first, other])  # still one base, as for any inspect of several adapters
 
 
 # --- plot -------------------------------------------------------------------------------------------------------

@@ -225,8 +225,30 @@ def test_refused_delta_names_the_adapter_by_its_store_digest():
         adapter.delta("lin")
     assert str(info.value) == (
         "the weight change of adapter sha256:0123456789ab is not scaling * B @ A (field 'use_dora' is True); "
-        "it can be stored and exported, but not composed or merged"
+        "a DoRA module's change depends on the base weight's norms (m * (W + sBA) / norm(W + sBA) - W), so it is "
+        "not a low-rank delta that can be blended; to compose it, merge it into the base (adapterkit merge) and "
+        "extract a plain LoRA from the result (adapterkit extract --base BASE --tuned MERGED)"
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "ending"),
+    [
+        ("lora_bias", "it can be stored, exported, attached and merged, but not composed"),
+        ("use_qalora", "it can be stored and exported, but not composed or merged"),
+    ],
+)
+def test_refused_delta_says_what_else_the_adapter_can_do(field, ending):
+    """merge applies lora_bias (and DoRA) now: the refusal must not send the user away from it."""
+    tensors = {
+        "base_model.model.lin.lora_A.weight": torch.ones(2, 3),
+        "base_model.model.lin.lora_B.weight": torch.ones(4, 2),
+    }
+    adapter = Adapter.from_state_dict({"peft_type": "LORA", "r": 2, field: True}, tensors)
+    with pytest.raises(UnsupportedAdapterError) as info:
+        adapter.delta("lin")
+    assert str(info.value).endswith(ending)
+    assert_one_line(str(info.value))
 
 
 # --- rank/alpha resolution against PEFT's own function ---------------------------------------------------------

@@ -115,6 +115,33 @@ def test_dora_round_trip_keeps_magnitudes(llama, tmp_path):
     assert max_abs_diff(logits(load_peft(llama, written)), logits(peft_model)) <= LOGITS_TOLERANCE
 
 
+@pytest.mark.parametrize("case", ["dora", "lora-bias", "modules-to-save"])
+def test_store_export_keeps_what_the_adapter_carries(case, llama, tmp_path):
+    """Added to a store and exported (Store.export, and `adapterkit export`), the adapter is the same model in PEFT:
+    DoRA magnitude vectors, lora_B biases and modules_to_save copies included."""
+    from click.testing import CliRunner
+
+    from adapterkit import Store
+    from adapterkit.cli import cli
+
+    peft_model = make_lora(llama, **LLAMA_LORA_CASES[case])
+    peft_model.save_pretrained(tmp_path / "peft")
+    store = Store(tmp_path / "store")
+    store.add(tmp_path / "peft", "x/a")
+    out = store.export("x/a", tmp_path / "exported").path
+    result = CliRunner().invoke(cli, ["--store", str(store.root), "export", "x/a", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    theirs = load_file(tmp_path / "peft" / WEIGHTS_NAME)
+    extras = [key for key in theirs if not key.endswith((".lora_A.weight", ".lora_B.weight"))]
+    assert extras  # the case carries something beyond the factors
+    expected = logits(peft_model)
+    assert max_abs_diff(expected, logits(llama)) > 1e-3
+    for folder in (out, tmp_path / "cli"):
+        ours = load_file(folder / WEIGHTS_NAME)
+        assert all(torch.equal(ours[key], theirs[key]) for key in extras)
+        assert max_abs_diff(logits(load_peft(llama, folder)), expected) <= LOGITS_TOLERANCE
+
+
 def test_modules_to_save_round_trip_unchanged(llama, tmp_path):
     peft_model = make_lora(llama, **LLAMA_LORA_CASES["modules-to-save"])
     adapter, original, written = _round_trip(peft_model, tmp_path)

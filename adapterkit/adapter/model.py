@@ -25,10 +25,14 @@ from adapterkit.adapter.config import (
     validate_lora_config,
 )
 from adapterkit.adapter.dtypes import code_of
+from adapterkit.adapter.extras import DORA_NOT_A_DELTA
 from adapterkit.errors import AdapterFormatError, CompositionError, UnsupportedAdapterError
 from adapterkit.files.safetensors import parse_header, serialize
 
 __all__ = ["Adapter", "LoraModule", "check_weights", "dtype_name", "tensors_from_buffer", "tensors_to_bytes"]
+
+#: Delta-changing fields whose adapters ``merge`` applies all the same (DoRA norms, lora_B's bias).
+_MERGED_ANYWAY = ("use_dora", "lora_bias")
 
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
@@ -170,9 +174,14 @@ class Adapter:
             # The digest the store gave it, cut as merging and inspection cut it; hashing the weights to name
             # an adapter read from a folder would cost more than the refusal is worth.
             which = f"adapter {self.digest[:19]}" if self.digest else "this adapter"
+            if blocking[0] == "use_dora":
+                after = DORA_NOT_A_DELTA
+            elif blocking[0] in _MERGED_ANYWAY:
+                after = "it can be stored, exported, attached and merged, but not composed"
+            else:
+                after = "it can be stored and exported, but not composed or merged"
             raise UnsupportedAdapterError(
-                f"the weight change of {which} is not scaling * B @ A (field {blocking[0]!r} is {value}); "
-                "it can be stored and exported, but not composed or merged"
+                f"the weight change of {which} is not scaling * B @ A (field {blocking[0]!r} is {value}); {after}"
             )
         try:
             module = self.modules[name]

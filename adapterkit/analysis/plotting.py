@@ -75,6 +75,8 @@ def plot(report: Mapping[str, Any], path: str | os.PathLike[str], *, modules: in
     deltas for two or more adapters (red: aligned, blue: opposed), or of each module's delta norm
     for one adapter.
     """
+    if report.get("not_computed"):  # a DoRA adapter: no energy curve and no interference to draw
+        raise InvalidInputError(f"nothing to plot: {report['not_computed']}")
     energy = report.get("energy") or {}
     if "curve" not in energy.get("overall", {}):
         raise InvalidInputError("the report has no energy curves; make it with inspect(..., rank_curve=True)")

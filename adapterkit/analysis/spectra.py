@@ -13,6 +13,16 @@ delta, so inspecting a 70B adapter costs about as much as loading it:
 * The energy kept versus rank by the exact weighted sum comes from the same QR + small-SVD trick
   over the stacked factors that the ``svd`` strategy uses, so it predicts what ``svd --rank`` keeps.
 
+A DoRA adapter (``use_dora``) is described too, but its ``s * B @ A`` is only the *directional
+update*: each output feature of ``W + s * B @ A`` is rescaled to the norm its magnitude vector
+gives, so the weight change is ``m * (W + sBA) / ||W + sBA|| - W``, which depends on the base.
+Its modules' spectra are those of the directional update, beside each magnitude vector's
+length, range, mean and L2 norm. Interference and energy are left out whenever a DoRA adapter is
+among those inspected, with the reason in ``not_computed``: both describe a weighted *sum of
+deltas* (what ``compose`` would blend), which a DoRA adapter does not have, and figures computed
+on the directional parts alone would read as that answer while missing the rescaling of ``W``,
+often the larger part of the change (``compose`` refuses DoRA for the same reason).
+
 Every function returns plain dicts of numbers, strings and lists (JSON-able as they are), so the
 CLI only prints them. Pure tensor maths.
 """
@@ -20,13 +30,16 @@ CLI only prints them. Pure tensor maths.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from adapterkit.adapter.config import delta_blockers
+from adapterkit.adapter.extras import classify_extras
 from adapterkit.adapter.model import check_weights
+from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.composition.engine import adapter_digest, adapter_label, check_compatible, common_shape
 from adapterkit.errors import CompositionError, UnsupportedAdapterError
 from adapterkit.strategies.lowrank import choose_rank, derive_seed, stacked_svd
@@ -151,14 +164,43 @@ def _conflict(values_i: torch.Tensor, values_j: torch.Tensor, exact: bool) -> tu
 
 
 def _check_deltas(adapters: Sequence[Adapter]) -> None:
-    """Refuse adapters whose weight change is not ``scaling * B @ A``: every number here would be wrong."""
+    """Refuse adapters whose weight change is not ``scaling * B @ A`` (DoRA excepted): every number would be wrong."""
     for adapter in adapters:
-        blocking = delta_blockers(adapter.config)
+        blocking = [field for field in delta_blockers(adapter.config) if field != "use_dora"]
         if blocking:
             raise UnsupportedAdapterError(
                 f"adapter {adapter_digest(adapter)[:19]} sets {blocking[0]!r}: its weight change is not "
                 "scaling * B @ A, so it cannot be inspected"
             )
+
+
+def _is_dora(adapter: Adapter) -> bool:
+    return bool(adapter.config.get("use_dora"))
+
+
+#: Why interference and energy are left out when a DoRA adapter is inspected (see the module docstring).
+_NOT_A_DELTA = (
+    "{label} is DoRA (field 'use_dora'): its change rescales W + s*B@A to learnt norms, so it is not a "
+    "delta that sums with others or that svd compresses"
+)
+
+
+def _magnitudes(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Module name -> its DoRA magnitude vector (``lora_magnitude_vector``)."""
+    found = classify_extras(adapter.extra_tensors, adapter.config, adapter.key_prefix)
+    return {e.module: adapter.extra_tensors[e.key] for e in found if e.kind == "dora_magnitude"}
+
+
+def _magnitude_stats(vector: torch.Tensor) -> dict[str, Any]:
+    """Length, range, mean and L2 norm of a magnitude vector: the norms DoRA gives each output feature."""
+    values = vector.double().flatten()
+    return {
+        "length": values.numel(),
+        "min": float(values.min()) if values.numel() else None,
+        "mean": float(values.mean()) if values.numel() else None,
+        "max": float(values.max()) if values.numel() else None,
+        "norm": float(values.norm()),
+    }
 
 
 def _present(adapters: Sequence[Adapter], weights: Sequence[float], name: str) -> list[tuple[int, LoraModule, float]]:
@@ -192,10 +234,12 @@ def inspect(
     module and for one rank shared by all modules, plus the whole curves with ``rank_curve``.
 
     Two or more adapters must pass the checks ``compose`` makes (same base unless ``force``, the
-    same shape for a module they share), since the interference numbers predict a blend.
+    same shape for a module they share), since the interference numbers predict a blend. With a
+    DoRA adapter among them, only the base and shapes are checked, and ``interference`` and
+    ``energy`` are None, with ``not_computed`` saying why (see the module docstring).
 
-    Definitions (``D`` is a module's ``scaling * B @ A``; per-adapter numbers ignore the weight,
-    interference and energy use the weighted ``w * D``):
+    Definitions (``D`` is a module's ``scaling * B @ A``, the *directional update* of a DoRA
+    module; per-adapter numbers ignore the weight, interference and energy use the weighted ``w * D``):
 
     * ``effective_rank``: ``exp(-sum p log p)`` with ``p = S / sum(S)`` (Roy & Vetterli, 2007),
       a continuous "how many directions carry the change"; ``numerical_rank``: the number of
@@ -213,27 +257,36 @@ def inspect(
       the best rank-k approximation; ``ranks_for_energy`` holds the smallest k reaching each of
       ``ENERGY_THRESHOLDS`` (as ``svd --energy`` picks it); ``overall`` is the same for one rank k
       used by every module (``svd --rank k``): ``sum_m kept_m(k) / sum_m total_m``.
+    * ``update``: ``"delta"`` when ``D`` is the module's weight change, ``"directional"`` for DoRA,
+      whose modules also have ``magnitude``: the magnitude vector's ``length``, ``min``, ``mean``,
+      ``max`` and L2 ``norm``.
 
-    Shape: ``{"weights", "adapters": [{"index", "digest", "weight", "num_modules",
+    Shape: ``{"weights", "adapters": [{"index", "digest", "weight", "update", "num_modules",
     "num_parameters", "size_bytes", "ranks": {"min", "max"}, "mean_effective_rank",
     "frobenius_norm", "modules": {name: {"kind", "shape", "r", "scaling", "frobenius_norm",
-    "effective_rank", "numerical_rank", "spectrum"}}}], "interference": None | {"sign_samples",
+    "effective_rank", "numerical_rank", "spectrum", ["magnitude"]}}}], "not_computed": None |
+    str, "interference": None | {"sign_samples",
     "seed", "pairs": [{"adapters": [i, j], "shared_modules", "cosine", "mean_cosine",
     "sign_conflict", "sign_conflict_stderr", "modules": {name: {"cosine", "sign_conflict",
     "sign_conflict_stderr", "exact", "entries"}}}]}, "energy": {"thresholds", "modules": {name:
     {"adapters", "input_rank", "numerical_rank", "frobenius_norm", "ranks_for_energy": {"0.9",
     "0.95", "0.99"}, ["curve"]}}, "overall": {"max_rank", "frobenius_norm", "ranks_for_energy",
-    ["curve"]}}}``, curves only with ``rank_curve``.
+    ["curve"]}} | None}``, curves only with ``rank_curve``.
     """
     values = check_weights(adapters, weights, "inspect")
     if sign_samples < 1:
         raise CompositionError(f"sign_samples must be at least 1, got {sign_samples}")
     _check_deltas(adapters)
-    if len(adapters) > 1:
+    labels = [adapter_label(adapter, i) for i, adapter in enumerate(adapters)]
+    dora = next((label for adapter, label in zip(adapters, labels, strict=True) if _is_dora(adapter)), None)
+    if len(adapters) > 1 and dora is None:
         check_compatible(adapters, force=force)
+    elif len(adapters) > 1:  # no blend is described: the adapters need only be for one base
+        sides = [BaseIdentity.of_adapter(adapter, label) for adapter, label in zip(adapters, labels, strict=True)]
+        for doubt in reconcile(sides, force=force, verb="inspect")[1]:
+            warnings.warn(f"adapterkit: {doubt}", stacklevel=2)
     from adapterkit.weighting import check_finite_factors, check_weight_range
 
-    labels = [adapter_label(adapter, i) for i, adapter in enumerate(adapters)]
     check_finite_factors(adapters, labels)
     # The report squares singular values in float64; weights compose could use in float32 keep them finite.
     check_weight_range(adapters, values, labels, torch.float32)
@@ -244,15 +297,17 @@ def inspect(
     report: dict[str, Any] = {
         "weights": values,
         "adapters": [_describe_adapter(i, a, w) for i, (a, w) in enumerate(zip(adapters, values, strict=True))],
+        "not_computed": None if dora is None else _NOT_A_DELTA.format(label=dora),
         "interference": None,
-        "energy": _energy_report(adapters, values, names, rank_curve),
+        "energy": None if dora is not None else _energy_report(adapters, values, names, rank_curve),
     }
-    if len(adapters) > 1:
+    if len(adapters) > 1 and dora is None:
         report["interference"] = _interference(adapters, values, names, sign_samples, seed)
     return report
 
 
 def _describe_adapter(index: int, adapter: Adapter, weight: float) -> dict[str, Any]:
+    magnitudes = _magnitudes(adapter) if _is_dora(adapter) else {}
     modules: dict[str, Any] = {}
     squared = 0.0
     for name in sorted(adapter.modules):
@@ -270,12 +325,15 @@ def _describe_adapter(index: int, adapter: Adapter, weight: float) -> dict[str, 
             "numerical_rank": _numerical_rank(S),
             "spectrum": S.tolist(),
         }
+        if name in magnitudes:
+            modules[name]["magnitude"] = _magnitude_stats(magnitudes[name])
     ranks = [m.spec.r for m in adapter.modules.values()]
     effective = [m["effective_rank"] for m in modules.values()]
     return {
         "index": index,
         "digest": adapter.digest,
         "weight": weight,
+        "update": "directional" if _is_dora(adapter) else "delta",
         "num_modules": len(modules),
         "num_parameters": adapter.num_parameters,
         "size_bytes": adapter.factor_bytes,

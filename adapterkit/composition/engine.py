@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import ModuleSpec, carried_features
+from adapterkit.adapter.extras import DORA_NOT_A_DELTA
 from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.errors import (
     CompositionError,
@@ -91,6 +92,8 @@ def check_compatible(adapters: Sequence[Adapter], *, force: bool = False) -> dic
     for adapter, label in zip(adapters, labels, strict=True):
         # Extra tensors (modules_to_save, trainable tokens) have no weighted sum, and fields such as
         # use_dora or a PiSSA init make a module's change something other than scaling * B @ A.
+        if adapter.config.get("use_dora"):
+            raise UnsupportedAdapterError(f"adapter {adapter_digest(adapter)[:19]} sets 'use_dora': {DORA_NOT_A_DELTA}")
         blocking = carried_features(adapter.config)
         if blocking:
             raise UnsupportedAdapterError(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
 from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, parse_dtype, torch_dtype
+from adapterkit.adapter.extras import Extra, classify_extras
 from adapterkit.adapter.model import check_weights
 from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.base_model import (
@@ -41,7 +42,7 @@ from adapterkit.errors import (
 from adapterkit.files.safetensors import Header, TensorInfo
 from adapterkit.files.sequential import pread_exact
 from adapterkit.merging.steps import BiasAddition, Contribution, Replacement, RowReplacement, Step, dora_axis
-from adapterkit.weighting import BASE_COPY_SUFFIX, check_finite_factors, check_weight_range
+from adapterkit.weighting import check_finite_factors, check_weight_range
 
 if TYPE_CHECKING:
     import torch
@@ -64,8 +65,8 @@ _Shapes = dict[str, tuple[str, tuple[int, ...]]]
 #: Config fields whose tensors merge applies (:mod:`adapterkit.merging.steps`), where other tools refuse them.
 MERGEABLE_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices")
 _MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
-_LORA_BIAS_SUFFIX = ".lora_B.bias"
-_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+#: Kinds of extra tensor (:mod:`adapterkit.adapter.extras`) that take the place of base values.
+_REPLACING = ("modules_to_save", "trained_bias", "trainable_tokens")
 #: Why an adapter that replaces values or sets norms merges at weight 1 only.
 _WEIGHT_ONE = {
     "dora": "its magnitude vectors set each feature's norm outright, so a weight has no defined meaning",
@@ -204,61 +205,61 @@ class _Planner:
     def plan_adapter(self, i: int, adapter: Adapter) -> None:
         """Every step of adapter ``i``: its full copies first (PEFT loads them before it merges), then its modules."""
         label, weight = self.labels[i], self.weights[i]
-        extras = {
-            key.removeprefix(adapter.key_prefix or KEY_PREFIX): (key, value)
-            for key, value in adapter.extra_tensors.items()
-        }
+        extras = classify_extras(sorted(adapter.extra_tensors), adapter.config, adapter.key_prefix or KEY_PREFIX)
         dora = bool(adapter.config.get("use_dora"))
         if weight != 1.0 and dora:
             raise UnsupportedAdapterError(
                 f"{label} is a DoRA adapter (field 'use_dora'): it merges at weight 1 only, since "
                 f"{_WEIGHT_ONE['dora']}; got weight {weight:g}"
             )
-        if weight != 1.0 and any(self._replaces(path) for path in extras):
+        replacing = [extra for extra in extras if extra.kind in _REPLACING]
+        if weight != 1.0 and replacing:
             raise UnsupportedAdapterError(
-                f"{label} carries {self._replaces_what(adapter, extras)}: it merges at weight 1 only, since "
+                f"{label} carries {self._replaces_what(adapter, replacing[0])}: it merges at weight 1 only, since "
                 f"{_WEIGHT_ONE['replace']}; got weight {weight:g}"
             )
-        for path, (key, value) in sorted(extras.items()):
-            if self._replaces(path):
-                self._plan_copy(i, adapter, path, key, value)
-        self._plan_modules(i, adapter, extras)
-        for path, (key, value) in sorted(extras.items()):
-            if path.endswith(_LORA_BIAS_SUFFIX):
-                self._plan_lora_bias(i, adapter, path, key, value)
-            elif path.endswith(BASE_COPY_SUFFIX):
-                self._check_base_copy(i, adapter, path, key, value)
-            elif path.endswith(_MAGNITUDE_SUFFIX):
-                module = path.removesuffix(_MAGNITUDE_SUFFIX)
-                if module not in adapter.modules:
+        for extra in extras:
+            value = adapter.extra_tensors[extra.key]
+            if extra.kind == "other":
+                bias = adapter.config.get("bias", "none")
+                cause = f" (field 'bias' is {bias!r})" if bias not in (None, "none") else ""
+                raise UnsupportedAdapterError(
+                    f"{label} carries tensor {extra.key!r}, which is not a LoRA factor, nor anything its config "
+                    f"explains{cause}; merge cannot apply it"
+                )
+            if extra.kind == "trainable_tokens":
+                self._plan_tokens(i, adapter, extra, value)
+            elif extra.kind in _REPLACING:
+                self._plan_copy(i, adapter, extra, value)
+        self._plan_modules(i, adapter)
+        for extra in extras:
+            value = adapter.extra_tensors[extra.key]
+            if extra.kind == "lora_bias":
+                self._plan_lora_bias(i, adapter, extra, value)
+            elif extra.kind == "base_copy":
+                self._check_base_copy(i, extra, value)
+            elif extra.kind == "dora_magnitude":
+                if extra.module not in adapter.modules:
                     raise UnsupportedAdapterError(
-                        f"{label} carries DoRA magnitudes {key!r} for {module!r}, which has no LoRA factors"
+                        f"{label} carries DoRA magnitudes {extra.key!r} for {extra.module!r}, which has no LoRA factors"
                     )
                 if not dora:
                     raise UnsupportedAdapterError(
-                        f"{label} carries DoRA magnitudes ({key!r}) but its config does not set 'use_dora'"
+                        f"{label} carries DoRA magnitudes ({extra.key!r}) but its config does not set 'use_dora'"
                     )
 
     @staticmethod
-    def _replaces(path: str) -> bool:
-        """Whether the adapter tensor at ``path`` takes the place of base values (rather than adding to them)."""
-        return not path.endswith((_MAGNITUDE_SUFFIX, _LORA_BIAS_SUFFIX, BASE_COPY_SUFFIX))
+    def _replaces_what(adapter: Adapter, extra: Extra) -> str:
+        if extra.kind == "trainable_tokens":
+            return f"trainable tokens ({extra.key!r})"
+        if extra.kind == "trained_bias":
+            return f"trained biases (field 'bias' is {adapter.config['bias']!r}: {extra.key!r})"
+        return f"its own copy of a base tensor ({extra.key!r}, modules_to_save)"
 
-    @staticmethod
-    def _replaces_what(adapter: Adapter, extras: dict[str, tuple[str, torch.Tensor]]) -> str:
-        path = next(path for path in sorted(extras) if _Planner._replaces(path))
-        if path.endswith(_TOKENS_SUFFIX):
-            return f"trainable tokens ({extras[path][0]!r})"
-        if path.endswith(".bias") and adapter.config.get("bias", "none") not in (None, "none"):
-            return f"trained biases (field 'bias' is {adapter.config['bias']!r}: {extras[path][0]!r})"
-        return f"its own copy of a base tensor ({extras[path][0]!r}, modules_to_save)"
-
-    def _plan_copy(self, i: int, adapter: Adapter, path: str, key: str, value: torch.Tensor) -> None:
-        """A full copy (modules_to_save, a trained bias) or trained rows (trainable tokens) replacing base values."""
-        label = self.labels[i]
-        if path.endswith(_TOKENS_SUFFIX):
-            self._plan_tokens(i, adapter, path, key, value)
-            return
+    def _plan_copy(self, i: int, adapter: Adapter, extra: Extra, value: torch.Tensor) -> None:
+        """A full copy (modules_to_save, a trained bias) replacing a base tensor."""
+        label, key = self.labels[i], extra.key
+        path = key.removeprefix(adapter.key_prefix or KEY_PREFIX)
         module, _, param = path.rpartition(".")
         module = module.removesuffix(".base_layer")
         base_key = base_weight_key(module, self.tensors, param) if module else None
@@ -274,11 +275,7 @@ class _Planner:
                 f"{label} carries tensor {key!r}{cause}, which matches no tensor of the base {self.model.path}; "
                 "merge cannot apply it"
             )
-        what = (
-            "trained bias"
-            if param == "bias" and adapter.config.get("bias", "none") not in (None, "none")
-            else ("modules_to_save copy")
-        )
+        what = "trained bias" if extra.kind == "trained_bias" else "modules_to_save copy"
         self._check_floating(base_key)
         current = self.shapes[base_key]
         if tuple(value.shape) != current:
@@ -301,9 +298,9 @@ class _Planner:
         self._check_finite(i, key, value)
         self.add(base_key, Replacement(i, key, value, what))
 
-    def _plan_tokens(self, i: int, adapter: Adapter, path: str, key: str, value: torch.Tensor) -> None:
-        label = self.labels[i]
-        module = path.removesuffix(_TOKENS_SUFFIX)
+    def _plan_tokens(self, i: int, adapter: Adapter, extra: Extra, value: torch.Tensor) -> None:
+        """Trainable tokens: trained rows in place of the embedding's rows ``trainable_token_indices`` names."""
+        label, key, module = self.labels[i], extra.key, extra.module
         base_key, _ = resolve_target(module, self.tensors, self.model.tied)
         if base_key is None:
             raise BaseModelError(f"{self.model.path}: has no weight for the trainable tokens of {module!r} of {label}")
@@ -334,7 +331,7 @@ class _Planner:
         self._check_finite(i, key, value)
         self.add(base_key, RowReplacement(i, key, tuple(indices), value))
 
-    def _plan_modules(self, i: int, adapter: Adapter, extras: dict[str, tuple[str, torch.Tensor]]) -> None:
+    def _plan_modules(self, i: int, adapter: Adapter) -> None:
         """Pair every LoRA module with the base tensor it changes (names and shapes only)."""
         label, weight = self.labels[i], self.weights[i]
         seen: dict[str, str] = {}
@@ -374,7 +371,8 @@ class _Planner:
                 )
             factor = weight * module.spec.scaling
             if dora:
-                magnitude = extras.get(name + _MAGNITUDE_SUFFIX, (None, None))[1]
+                magnitude_key = f"{adapter.key_prefix or KEY_PREFIX}{name}{_MAGNITUDE_SUFFIX}"
+                magnitude = adapter.extra_tensors.get(magnitude_key)
                 if magnitude is None:
                     raise UnsupportedAdapterError(
                         f"{label} sets 'use_dora' but carries no magnitude vector for module {name!r}"
@@ -386,15 +384,14 @@ class _Planner:
                         f"{label}: the DoRA magnitude vector of module {name!r} has {magnitude.numel()} entries, but "
                         f"{key} {list(shape)} has {length} {axis}"
                     )
-                self._check_finite(i, name + _MAGNITUDE_SUFFIX, magnitude)
+                self._check_finite(i, magnitude_key, magnitude)
                 self.add(key, Contribution(i, module, factor, magnitude))
             elif factor != 0.0:  # checked like the others, but a zero weight (or alpha) changes nothing
                 self.add(key, Contribution(i, module, factor))
 
-    def _plan_lora_bias(self, i: int, adapter: Adapter, path: str, key: str, value: torch.Tensor) -> None:
+    def _plan_lora_bias(self, i: int, adapter: Adapter, extra: Extra, value: torch.Tensor) -> None:
         """PEFT's ``lora_bias``: ``scaling * lora_B.bias`` added to the base layer's bias."""
-        label = self.labels[i]
-        name = path.removesuffix(_LORA_BIAS_SUFFIX)
+        label, key, name = self.labels[i], extra.key, extra.module
         module = adapter.modules.get(name)
         if module is None:
             raise UnsupportedAdapterError(
@@ -417,7 +414,7 @@ class _Planner:
         if factor != 0.0:
             self.add(bias_key, BiasAddition(i, key, value, factor))
 
-    def _check_base_copy(self, i: int, adapter: Adapter, path: str, key: str, value: torch.Tensor) -> None:
+    def _check_base_copy(self, i: int, extra: Extra, value: torch.Tensor) -> None:
         """PEFT's saved copy of a targeted embedding's base weight: fine when it equals the base's.
 
         ``save_embedding_layers`` makes PEFT store a targeted embedding's base weight beside the factors
@@ -427,8 +424,8 @@ class _Planner:
         """
         import torch
 
-        label = self.labels[i]
-        base_key, _ = resolve_target(path.removesuffix(BASE_COPY_SUFFIX), self.tensors, self.model.tied)
+        label, key = self.labels[i], extra.key
+        base_key, _ = resolve_target(extra.module, self.tensors, self.model.tied)
         if base_key is None:
             raise UnsupportedAdapterError(
                 f"{label} carries tensor {key!r}, which matches no tensor of the base {self.model.path}; "

@@ -16,9 +16,28 @@ That is the merged model's ``(W + sum_i w_i s_i B_i A_i) x`` up to float roundin
 new copy of the base. (With a tied embedding, PEFT's unmerged model changes only the side the
 adapter targets; merging changes the one shared tensor. See :mod:`adapterkit.merging.streamed`.)
 
-Weights other than 1 and several adapters at once need each adapter's change to be ``s * B @ A``:
-DoRA, ``lora_bias``, ``modules_to_save``, trained biases and the like are refused then, naming the
-field. A single adapter with weight 1 is loaded however PEFT loads it.
+What else an adapter carries is run by PEFT too, and accepted where PEFT runs it correctly:
+
+* ``lora_bias``: PEFT computes ``lora_B(lora_A(x)) * scaling``, so lora_B's bias is scaled with the
+  factors and the layer adds ``w * s * (B A x + b)``: any weight, any company.
+* DoRA (``use_dora``): weight 1 only. A DoRA layer rescales ``W + s B A`` to the norms its magnitude
+  vector gives, so its change is not a multiple of anything; scaling ``s B A`` (or the magnitudes) by
+  ``w`` is not "w of the adapter". Stacked, PEFT's forward runs the active adapters in order and a
+  DoRA layer rescales the running result (its norms taken on the base weight plus its own change),
+  as PEFT's ``merge_and_unload`` and adapterkit's ``merge`` apply them: the order of ``adapters``
+  matters there, and is the order they are activated in.
+* ``modules_to_save`` copies, trained biases (``bias`` other than ``"none"``) and trainable tokens
+  replace base values, so weight 1 only; stacked, PEFT runs one ``modules_to_save`` copy of a module
+  at a time, one adapter's trainable tokens at a time, and one adapter with trained biases (it
+  loads them into the model itself), and cannot put a LoRA layer on a module another adapter
+  replaces. Those cases are refused, naming the adapters, the module and PEFT's rule.
+
+Two PEFT loading quirks are worked around by the order the adapters are loaded in (activation
+keeps the order given): an adapter with trained biases is loaded first (PEFT loads ``X.bias`` into
+the model by name, and drops it when another adapter has already wrapped ``X``), and one with
+trainable tokens last (PEFT 0.21 fails to load any adapter after one). Other fields that make a
+module's change something else (PiSSA-style inits, aLoRA, ...) still run only alone, at weight 1,
+however PEFT loads them.
 """
 
 from __future__ import annotations
@@ -30,10 +49,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import carried_features, delta_blockers
+from adapterkit.adapter.extras import Extra, classify_extras
 from adapterkit.adapter.model import check_weights
 from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.errors import InvalidInputError, UnsupportedAdapterError
-from adapterkit.weighting import check_finite_factors, check_weight_range, extra_trainable
+from adapterkit.weighting import check_finite_factors, check_weight_range
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -77,10 +97,151 @@ def _model_identity(model: Any) -> BaseIdentity:
     return BaseIdentity(label="the model", name=name if isinstance(name, str) and name else None, is_base=True)
 
 
-def _check(adapters: Sequence[Adapter], weights: list[float], model: Any, force: bool) -> None:
+#: Config fields whose tensors PEFT runs stacked (see the module docstring); other fields that change a module's
+#: change (``delta_blockers``) or bring structure (``layer_replication``) run only alone at weight 1.
+_STACKABLE_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices")
+#: Extra tensors that replace base values instead of adding to them: weight 1 only.
+_REPLACING = {
+    "modules_to_save": "a modules_to_save copy of",
+    "trained_bias": "a trained bias of",
+    "trainable_tokens": "trainable tokens of",
+}
+#: Why an adapter that sets norms or replaces values attaches at weight 1 only (worded as merge words it).
+_WEIGHT_ONE = {
+    "dora": "its magnitude vectors set each feature's norm outright, so a weight has no defined meaning",
+    "replace": "it replaces the base's values instead of adding to them, so a weight has no defined meaning",
+}
+
+
+def _overlaps(first: str, second: str) -> bool:
+    """Whether two module paths are one module or one holds the other."""
+    return first == second or first.startswith(second + ".") or second.startswith(first + ".")
+
+
+def _check_alone(index: int, adapter: Adapter, weight: float, extras: list[Extra]) -> None:
+    """Refuse what PEFT cannot run stacked or weighted for this adapter on its own account."""
+    name = f"adapter {index + 1}"
+    blocking = [f for f in delta_blockers(adapter.config) if f not in _STACKABLE_FIELDS]
+    blocking += [f for f in carried_features(adapter.config) if f not in _STACKABLE_FIELDS and f not in blocking]
+    if blocking:
+        raise UnsupportedAdapterError(
+            f"{name} sets {blocking[0]!r}: its change is not scaling * B @ A, so it cannot be weighted or stacked "
+            "with others"
+        )
+    unknown = [extra.key for extra in extras if extra.kind == "other"]
+    if unknown:
+        raise UnsupportedAdapterError(
+            f"{name} carries tensor {unknown[0]!r}, which is not a LoRA factor; it cannot be weighted or stacked "
+            "with others"
+        )
+    if weight == 1.0:
+        return
+    if adapter.config.get("use_dora"):
+        raise UnsupportedAdapterError(
+            f"{name} is a DoRA adapter (field 'use_dora'): it attaches at weight 1 only, since {_WEIGHT_ONE['dora']}; "
+            f"got weight {weight:g}"
+        )
+    for extra in extras:
+        if extra.kind in _REPLACING:
+            raise UnsupportedAdapterError(
+                f"{name} carries {_REPLACING[extra.kind]} {extra.module!r}: it attaches at weight 1 only, since "
+                f"{_WEIGHT_ONE['replace']}; got weight {weight:g}"
+            )
+
+
+def _check_together(adapters: Sequence[Adapter], extras: list[list[Extra]]) -> None:
+    """Refuse stacks PEFT cannot run: two replacements of one module, a LoRA on a replaced module, two bias trainers."""
+    biased = [i for i, adapter in enumerate(adapters) if adapter.config.get("bias", "none") not in (None, "none")]
+    if len(biased) > 1:
+        i, j = biased[:2]
+        raise UnsupportedAdapterError(
+            f"adapters {i + 1} and {j + 1} both set field 'bias': PEFT loads trained biases into the model itself "
+            "and allows one adapter with bias at a time"
+        )
+    tokens = [i for i, found in enumerate(extras) if any(e.kind == "trainable_tokens" for e in found)]
+    if len(tokens) > 1:
+        i, j = tokens[:2]
+        raise UnsupportedAdapterError(
+            f"adapters {i + 1} and {j + 1} both carry trainable tokens: PEFT runs one adapter's trainable tokens "
+            "at a time"
+        )
+    claims = [(i, e) for i, found in enumerate(extras) for e in found if e.kind in _REPLACING]
+    for pos, (i, first) in enumerate(claims):
+        for j, second in claims[pos + 1 :]:
+            if i != j and _overlaps(first.module, second.module):
+                same = first.kind == second.kind == "modules_to_save"
+                rule = (
+                    "PEFT runs one modules_to_save copy of a module at a time"
+                    if same
+                    else "each would replace the other's values"
+                )
+                raise UnsupportedAdapterError(
+                    f"adapter {i + 1} carries {_REPLACING[first.kind]} {first.module!r} and adapter {j + 1} "
+                    f"{_REPLACING[second.kind]} {second.module!r}: {rule}"
+                )
+    for i, extra in claims:
+        if extra.kind == "trained_bias":
+            continue  # the bias goes into the base layer, which a LoRA wraps as usual
+        for j, adapter in enumerate(adapters):
+            inside = next((name for name in adapter.modules if _overlaps(name, extra.module)), None)
+            if j != i and inside is not None:
+                raise UnsupportedAdapterError(
+                    f"adapter {j + 1} puts a LoRA on {inside!r}, which adapter {i + 1} replaces with "
+                    f"{_REPLACING[extra.kind]} {extra.module!r}: PEFT cannot wrap one module for both"
+                )
+
+
+def _load_order(adapters: Sequence[Adapter], extras: list[list[Extra]]) -> list[int]:
+    """The order to load the adapters in: trained biases first, trainable tokens last (see the module docstring)."""
+
+    def rank(i: int) -> int:
+        if any(e.kind == "trainable_tokens" for e in extras[i]):
+            return 2
+        return 0 if any(e.kind == "trained_bias" for e in extras[i]) else 1
+
+    return sorted(range(len(adapters)), key=lambda i: (rank(i), i))
+
+
+def _check_loading(
+    adapters: Sequence[Adapter], extras: list[list[Extra]], order: list[int], model: Any, wrapped: bool
+) -> None:
+    """Refuse what PEFT would load wrongly or not at all into ``model`` in ``order``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import TrainableTokensWrapper
+
+    taken: set[str] = set()  # modules some PEFT layer wraps before the next adapter is loaded
+    if wrapped:
+        inner = model.base_model.model
+        taken = {name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)}
+        if any(isinstance(module, TrainableTokensWrapper) for module in inner.modules()):
+            raise UnsupportedAdapterError(
+                "the model already holds trainable tokens: PEFT cannot load another adapter after them; "
+                "attach every adapter in one call, to the plain model"
+            )
+        biased = [n for n, c in model.peft_config.items() if getattr(c, "bias", "none") not in (None, "none")]
+        for i, adapter in enumerate(adapters):
+            if biased and adapter.config.get("bias", "none") not in (None, "none"):
+                raise UnsupportedAdapterError(
+                    f"adapter {i + 1} sets field 'bias' and the model's adapter {biased[0]!r} does too: PEFT loads "
+                    "trained biases into the model itself and allows one adapter with bias at a time"
+                )
+    for i in order:
+        for extra in extras[i]:
+            bare = extra.key.removeprefix(adapters[i].key_prefix).removesuffix(".bias")
+            if extra.kind == "trained_bias" and bare == extra.module and extra.module in taken:
+                raise UnsupportedAdapterError(
+                    f"adapter {i + 1} trains the bias of {extra.module!r}, which another adapter on the model "
+                    "already wraps: PEFT would load that bias nowhere; attach this adapter first, to the plain model"
+                )
+        taken |= set(adapters[i].modules) | {e.module for e in extras[i] if e.kind == "modules_to_save"}
+
+
+def _check(adapters: Sequence[Adapter], weights: list[float], model: Any, force: bool) -> list[int]:
+    """Refuse what PEFT cannot run as asked; returns the order to load the adapters in."""
     import warnings
 
     import torch
+    from peft import PeftModel
 
     labels = [f"adapter {i + 1}" + (f" ({a.digest[:19]})" if a.digest else "") for i, a in enumerate(adapters)]
     sides = [BaseIdentity.of_adapter(adapter, label) for adapter, label in zip(adapters, labels, strict=True)]
@@ -88,25 +249,20 @@ def _check(adapters: Sequence[Adapter], weights: list[float], model: Any, force:
     for doubt in doubts:
         warnings.warn(f"adapterkit: {doubt}", stacklevel=3)
     check_finite_factors(adapters, labels)
+    extras = [classify_extras(a.extra_tensors, a.config, a.key_prefix) for a in adapters]
+    wrapped = isinstance(model, PeftModel)
+    order = _load_order(adapters, extras)
     if len(adapters) == 1 and weights[0] == 1.0:
-        return  # PEFT runs it exactly as it would load it
-    for index, adapter in enumerate(adapters):
-        fields = delta_blockers(adapter.config) or carried_features(adapter.config)
-        if fields:
-            raise UnsupportedAdapterError(
-                f"adapter {index + 1} sets {fields[0]!r}: its change is not scaling * B @ A, so it cannot be "
-                "weighted or stacked with others"
-            )
-        trained = extra_trainable(adapter)
-        if trained:
-            # PEFT would apply these tensors at full strength while the LoRA part gets the weight.
-            raise UnsupportedAdapterError(
-                f"adapter {index + 1} trains more than its LoRA factors ({trained}); it cannot be weighted or "
-                "stacked with others"
-            )
+        _check_loading(adapters, extras, order, model, wrapped)
+        return order  # PEFT runs it exactly as it would load it
+    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+        _check_alone(index, adapter, weight, extras[index])
+    _check_together(adapters, extras)
+    _check_loading(adapters, extras, order, model, wrapped)
     floating = [p.dtype for p in model.parameters() if p.is_floating_point()] if hasattr(model, "parameters") else []
     narrowest = min(floating, key=lambda dtype: torch.finfo(dtype).max, default=torch.float32)
     check_weight_range(adapters, weights, labels, narrowest)  # PEFT adds the weighted change in the model's dtype
+    return order
 
 
 def attach(
@@ -121,8 +277,9 @@ def attach(
 
     ``model`` is a transformers (or any torch) model, which PEFT wraps in place, or a ``PeftModel``,
     to which the adapters are added. ``adapter_names`` (default ``adapter_0``, ``adapter_1``, ...)
-    are the names PEFT knows them by. The adapters stay separate, so ``set_adapter``,
-    ``disable_adapter()`` and ``merge_and_unload()`` work as usual on the result.
+    are the names PEFT knows them by, activated in the order given (which matters with DoRA). The
+    adapters stay separate, so ``set_adapter``, ``disable_adapter()`` and ``merge_and_unload()``
+    work as usual on the result (trained biases excepted: PEFT loads them into the model itself).
 
     The adapters must be for one base, and for this model as far as its recorded name tells
     (:func:`adapterkit.base_identity.reconcile`; ``force`` accepts a mismatch).
@@ -133,13 +290,14 @@ def attach(
     from adapterkit.formats.peft import write_adapter
 
     values = check_weights(adapters, weights, "attach")
-    _check(adapters, values, model, force)
+    order = _check(adapters, values, model, force)
     wrapped = isinstance(model, PeftModel)
     names = _names(len(adapters), adapter_names, list(model.peft_config) if wrapped else [])
 
     peft_model = model if wrapped else None
     with tempfile.TemporaryDirectory(prefix="adapterkit-attach-") as tmp:
-        for name, adapter in zip(names, adapters, strict=True):
+        for index in order:  # loaded in the order PEFT needs, activated below in the order given
+            name, adapter = names[index], adapters[index]
             folder = write_adapter(adapter, Path(tmp) / name)
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name, is_trainable=False)
