@@ -76,12 +76,14 @@ def test_compose_refuses_trained_biases_naming_the_field(world: dict[str, Any]) 
     assert compose([plain, plain], [0.5, 0.25]).modules  # nothing extra: blended as before
 
 
-def test_attach_refuses_trained_biases_when_weighting_or_stacking(world: dict[str, Any]) -> None:
+def test_attach_refuses_trained_biases_at_another_weight(world: dict[str, Any]) -> None:
+    """A trained bias replaces the base's: weight 1 only; stacked with plain LoRAs, PEFT runs it (test_stacking.py)."""
     gpt2, biased, plain = world["gpt2"], world["biased"], world["plain"]
-    for adapters, weights in (([biased], [0.5]), ([biased, plain], [1.0, 1.0])):
-        with pytest.raises(UnsupportedAdapterError, match=r"field 'bias' is 'all'.*cannot be weighted"):
+    for adapters, weights in (([biased], [0.5]), ([biased, plain], [0.5, 1.0])):
+        with pytest.raises(UnsupportedAdapterError, match=r"trained bias.*weight 1 only.*got weight 0.5"):
             attach(copy.deepcopy(gpt2), adapters, weights)
     assert attach(copy.deepcopy(gpt2), [biased]) is not None  # alone at weight 1, PEFT runs it as it loads it
+    assert attach(copy.deepcopy(gpt2), [biased, plain]) is not None
 
 
 # --- non-finite values --------------------------------------------------------------------------------------------
