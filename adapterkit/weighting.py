@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from adapterkit.adapter.dtypes import all_finite
 from adapterkit.errors import NonFiniteError
 
 if TYPE_CHECKING:
@@ -45,12 +46,10 @@ def extra_trainable(adapter: Adapter) -> str | None:
 
 def check_finite_factors(adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
     """Refuse a factor holding NaN or infinity, naming the adapter, module and factor."""
-    import torch
-
     for adapter, label in zip(adapters, labels, strict=True):
         for name, module in adapter.modules.items():
             for role, factor in (("lora_A", module.A), ("lora_B", module.B)):
-                if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
+                if not all_finite(factor):
                     raise NonFiniteError(
                         f"{label}: module {name!r} holds a non-finite value (NaN or infinity) in {role}; "
                         "adapterkit refuses to compute with it (re-add the adapter: add refuses such files)"

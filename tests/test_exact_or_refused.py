@@ -89,6 +89,23 @@ def test_attach_refuses_trained_biases_at_another_weight(world: dict[str, Any]) 
 # --- non-finite values --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_is_exact_when_the_quick_sum_overflows(dtype: torch.dtype) -> None:
+    """The checks sum first (a twentieth of isfinite().all()); a sum that overflows must not read as a NaN."""
+    from adapterkit.adapter.dtypes import all_finite
+
+    big = torch.finfo(dtype).max
+    values = torch.full((1000,), big / 2, dtype=dtype)
+    assert not bool(values.sum().isfinite())  # the quick sum overflows: the exact check decides
+    assert all_finite(values)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        poisoned = torch.zeros(1000, dtype=dtype)
+        poisoned[517] = bad
+        assert not all_finite(poisoned)
+        assert not all_finite(torch.cat([values, poisoned]))
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(5))
+
+
 def _poisoned(adapter: Adapter, value: float) -> Adapter:
     poisoned = copy.copy(adapter)
     name = sorted(adapter.modules)[1]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from adapterkit.adapter.config import delta_blockers
+from adapterkit.adapter.dtypes import all_finite
 from adapterkit.adapter.model import Adapter, LoraModule
 from adapterkit.errors import ExportError
 
@@ -61,7 +62,7 @@ def fold_into_b(module: LoraModule, factor: float, dtype: torch.dtype | None = N
     """
     target = dtype or module.B.dtype
     out = module.B.to(target) if factor == 1.0 else (module.B.to(torch.float64) * factor).to(target)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ExportError(
             f"module {module.name!r}: its factor B times the scaling {factor:g} does not fit {str(target)[6:]} "
             "(it would be written as infinity or NaN); export with a wider dtype"

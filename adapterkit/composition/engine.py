@@ -326,7 +326,7 @@ def compose(
     """
     import torch
 
-    from adapterkit.adapter.dtypes import torch_dtypes
+    from adapterkit.adapter.dtypes import all_finite, torch_dtypes
     from adapterkit.adapter.model import Adapter, LoraModule
 
     blend = prepare(adapters, weights, strategy, params, device=device, dtype=dtype, force=force, plugins=plugins)
@@ -349,7 +349,7 @@ def compose(
         except (ValueError, torch.linalg.LinAlgError) as exc:
             detail = " ".join(str(exc).split())
             raise CompositionError(f"strategy {strategy!r} failed on module {name!r}: {detail}") from None
-        if not (bool(torch.isfinite(result.A).all()) and bool(torch.isfinite(result.B).all())):
+        if not (all_finite(result.A) and all_finite(result.B)):
             working = str(compute).removeprefix("torch.")
             raise NonFiniteError(
                 f"strategy {strategy!r} gave module {name!r} non-finite values in {working} "
@@ -376,7 +376,7 @@ def compose(
         )
         A = result.A.reshape(spec.a_shape).to(device="cpu", dtype=out_dtype).contiguous()
         B = result.B.reshape(spec.b_shape).to(device="cpu", dtype=out_dtype).contiguous()
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        if not (all_finite(A) and all_finite(B)):
             raise NonFiniteError(
                 f"module {name!r} of the blend overflows {str(out_dtype).removeprefix('torch.')}, the dtype it is "
                 "stored in (weights too large?); nothing was stored"

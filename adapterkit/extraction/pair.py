@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adapterkit.adapter.dtypes import all_finite
 from adapterkit.errors import BaseModelError, ExtractionError
 from adapterkit.files.safetensors import DTYPE_SIZES, Header, TensorInfo
 
@@ -234,11 +235,9 @@ class ModelPair:
 
     def not_finite(self, name: str) -> ExtractionError:
         """The error for a tensor whose values are not all finite, naming the model that holds them."""
-        import torch
-
         for where in (self.base[name], self.tuned[name]):
             values = self.read(where)
-            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            if not all_finite(values):
                 return ExtractionError(f"{where.path}: tensor {name!r} holds NaN or infinite values")
         return ExtractionError(f"tensor {name!r}: its change overflows (values too large to subtract)")
 

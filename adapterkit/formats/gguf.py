@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterkit.adapter.config import KEY_PREFIX, delta_blockers
+from adapterkit.adapter.dtypes import all_finite
 from adapterkit.base_model import BaseModel, open_base
 from adapterkit.errors import ExportError
 from adapterkit.formats.base import ExportResult, Format
@@ -216,8 +217,6 @@ def unpermute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _tensors(target: GgufTarget, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """The (name, tensor) pair of one module in GGUF's layout, scaling folded into B."""
-    import torch
-
     from adapterkit.adapter.transforms import fold_into_b
 
     module = target.module
@@ -228,7 +227,7 @@ def _tensors(target: GgufTarget, dtype: torch.dtype) -> Iterator[tuple[str, torc
     if target.embedding:
         a = a.T  # llama.cpp gathers rows of token_embd.lora_a by token id: (vocab, r)
     a = a.to(dtype)
-    if not bool(torch.isfinite(a).all()):
+    if not all_finite(a):
         raise ExportError(
             f"module {module.name!r}: its factor A does not fit {str(dtype)[6:]}; export with --dtype f32"
         )

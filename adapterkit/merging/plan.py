@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
-from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, parse_dtype, torch_dtype
+from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, all_finite, parse_dtype, torch_dtype
 from adapterkit.adapter.extras import Extra, classify_extras
 from adapterkit.adapter.model import check_weights
 from adapterkit.base_identity import BaseIdentity, reconcile
@@ -450,9 +450,7 @@ class _Planner:
             )
 
     def _check_finite(self, i: int, key: str, value: torch.Tensor) -> None:
-        import torch
-
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise NonFiniteError(
                 f"{self.labels[i]}: tensor {key!r} holds a non-finite value (NaN or infinity); adapterkit refuses "
                 "to compute with it"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.adapter.dtypes import DTYPE_SIZES, torch_dtype
+from adapterkit.adapter.dtypes import DTYPE_SIZES, all_finite, torch_dtype
 from adapterkit.errors import NonFiniteError
 from adapterkit.files.safetensors import CANONICAL_METADATA, Header, TensorInfo
 from adapterkit.files.sequential import SequentialFile, pread_exact
@@ -378,8 +378,6 @@ def _compute_block(
     streams: _Streams,
 ) -> torch.Tensor:
     """Read one block, apply its rows of every step (in ``compute`` precision), round it into ``out_buffer``."""
-    import torch
-
     scratch = streams.scratch()
     numel = block.rows * block.cols
     if block.source is not None:
@@ -399,17 +397,15 @@ def _compute_block(
         out.copy_(work.view(-1))
     else:
         out.copy_(values)
-    if not bool(torch.isfinite(out).all()):  # a NaN is never written; the merge fails and publishes nothing
+    if not all_finite(out):  # a NaN is never written; the merge fails and publishes nothing
         raise _non_finite(block, values, bool(steps) or block.source is not None, out_dtype)
     return out_buffer
 
 
 def _non_finite(block: _Block, values: torch.Tensor, updated: bool, out_dtype: torch.dtype) -> NonFiniteError:
     """Why a block came out non-finite: the base already was, the added change overflowed, or the conversion did."""
-    import torch
-
     dtype = str(out_dtype).removeprefix("torch.")
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         return NonFiniteError(
             f"{block.path}: tensor {block.name!r} already holds non-finite values (NaN or infinity); merge does not "
             "write them (is the base damaged?)"
