@@ -332,8 +332,10 @@ def compose(
     blend = prepare(adapters, weights, strategy, params, device=device, dtype=dtype, force=force, plugins=plugins)
     lineage = blend.lineage
     if blend.identity:
-        norms = {name: delta_norm(m.A * m.spec.scaling, m.B) for name, m in adapters[0].modules.items()}
-        check_not_empty(norms, norms, torch.float64, strategy)  # empty only when every delta is exactly zero
+        # empty only when every delta is exactly zero: the first module with a change settles it
+        if not any(delta_norm(m.A * m.spec.scaling, m.B) > 0 for m in adapters[0].modules.values()):
+            zeros = dict.fromkeys(adapters[0].modules, 0.0)
+            check_not_empty(zeros, zeros, torch.float64, strategy)
         return _identity(adapters[0], blend.base_model, lineage)  # bit-for-bit the parent: no rounding from folding
     out_dtype, compute = blend.out_dtype, blend.compute
 
@@ -342,6 +344,10 @@ def compose(
     errors: dict[str, float] = {}
     norms: dict[str, float] = {}
     scales: dict[str, float] = {}
+    # Once one module's delta is above rounding noise the blend is not empty, and the other modules'
+    # norms (two QR factorizations each) need not be computed.
+    tolerance = EMPTY_TOLERANCE_ULPS * torch.finfo(compute).eps
+    settled = False
     for done, name in enumerate(names, start=1):
         module_input, shape = blend.module_input(name)
         try:
@@ -355,7 +361,8 @@ def compose(
                 f"strategy {strategy!r} gave module {name!r} non-finite values in {working} "
                 "(weights too large for the working dtype?); nothing was stored"
             )
-        scales[name] = blend.scale(module_input)
+        if not settled:
+            scales[name] = blend.scale(module_input)
         if progress is not None:
             progress(done, len(names), name)
         rank = result.A.shape[0]
@@ -381,11 +388,14 @@ def compose(
                 f"module {name!r} of the blend overflows {str(out_dtype).removeprefix('torch.')}, the dtype it is "
                 "stored in (weights too large?); nothing was stored"
             )
-        norms[name] = delta_norm(A, B)
+        if not settled:
+            norms[name] = delta_norm(A, B)
+            settled = norms[name] > tolerance * scales[name]
         modules[name] = LoraModule(spec, A, B)
         if result.truncation_error is not None:
             errors[name] = result.truncation_error
-    check_not_empty(norms, scales, compute, strategy)
+    if not settled:
+        check_not_empty(norms, scales, compute, strategy)
     if errors:
         lineage["truncation_error"] = errors
 
