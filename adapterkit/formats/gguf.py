@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterkit.adapter.config import KEY_PREFIX, delta_blockers
 from adapterkit.adapter.dtypes import all_finite
+from adapterkit.adapter.extras import classify_extras
 from adapterkit.base_model import BaseModel, open_base
 from adapterkit.errors import ExportError
 from adapterkit.formats.base import ExportResult, Format
@@ -59,13 +60,15 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
 }
 
 _DTYPES = ("f32", "f16", "bf16")
-#: Where an extra (non-LoRA-factor) tensor's key says what it is, and what to call it in a refusal.
-_EXTRA_KINDS = (
-    ("lora_magnitude_vector", "DoRA magnitudes"),
-    (".lora_B.bias", "LoRA biases (lora_bias)"),
-    ("token_adapter", "trainable tokens"),
-    ("trainable_tokens", "trainable tokens"),
-)
+#: What a refusal calls each kind of extra tensor (:mod:`adapterkit.adapter.extras`).
+_EXTRA_LABELS = {
+    "dora_magnitude": "DoRA magnitudes",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "trainable_tokens": "trainable tokens",
+    "trained_bias": "trained biases (bias)",
+    "base_copy": "resized base layers (a vocabulary resized after training?)",
+}
+_COPIES = "full module copies (modules_to_save)"
 
 
 @dataclass(frozen=True)
@@ -89,21 +92,6 @@ def _names(items: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _module_of(key: str) -> str:
-    path = key.removeprefix(KEY_PREFIX)
-    for marker in (
-        ".base_layer.",
-        ".lora_magnitude_vector",
-        ".lora_B.",
-        ".token_adapter",
-        ".modules_to_save",
-        ".trainable_tokens",
-    ):
-        if marker in path:
-            return path.split(marker, 1)[0]
-    return path.rsplit(".", 1)[0] if path.endswith((".weight", ".bias")) else path
-
-
 def refuse_unholdable(adapter: Adapter, base: BaseModel) -> None:
     """ExportError naming what a GGUF LoRA cannot hold, module by module, when the adapter has any.
 
@@ -112,22 +100,19 @@ def refuse_unholdable(adapter: Adapter, base: BaseModel) -> None:
     GGUF base model already holds, so it is left out (as llama.cpp's converter leaves it out).
     """
     found: dict[str, list[str]] = {}
-    for key in sorted(adapter.extra_tensors):
-        module = _module_of(key)
-        if key.endswith(".base_layer.weight"):
-            target, _ = base.resolve(module)
-            if target is not None and tuple(adapter.extra_tensors[key].shape) == base.tensors[target][1]:
+    for extra in classify_extras(sorted(adapter.extra_tensors), adapter.config, adapter.key_prefix or KEY_PREFIX):
+        if extra.kind == "base_copy":
+            target, _ = base.resolve(extra.module)
+            if target is not None and tuple(adapter.extra_tensors[extra.key].shape) == base.tensors[target][1]:
                 continue
-            label = "resized base layers (a vocabulary resized after training?)"
-        else:
-            label = next((lbl for marker, lbl in _EXTRA_KINDS if marker in key), "full module copies (modules_to_save)")
-        if module not in found.setdefault(label, []):
-            found[label].append(module)
+        label = _EXTRA_LABELS.get(extra.kind, _COPIES)
+        if extra.module not in found.setdefault(label, []):
+            found[label].append(extra.module)
     config = adapter.config
     if config.get("use_dora") and "DoRA magnitudes" not in found:
         found["DoRA magnitudes"] = ["(use_dora)"]
-    if config.get("modules_to_save") and not any(label.startswith("full module") for label in found):
-        found["full module copies (modules_to_save)"] = [str(m) for m in config["modules_to_save"]]
+    if config.get("modules_to_save") and _COPIES not in found:
+        found[_COPIES] = [str(m) for m in config["modules_to_save"]]
     if config.get("trainable_token_indices") and "trainable tokens" not in found:
         found["trainable tokens"] = ["(trainable_token_indices)"]
     for field in delta_blockers(config):
