@@ -807,7 +807,7 @@ def test_validate_yaml_accepts_what_the_hub_accepts(fresh: HubServer, peft_folde
         (peft_folders.lora / "README.md").read_text(),
     ]
     wild = sorted((corpus_dir() / "cards").glob("*README.md"))
-    assert len(wild) == 5
+    assert len(wild) == 5 or not corpus_dir().is_dir()  # where the corpus is absent, tests/test_corpus.py skips
     for path in wild:
         text = path.read_bytes()
         if b"base_model: /" not in text:  # one names a local path as its base, which the Hub refuses
