@@ -93,8 +93,6 @@ class MergePlan:
     copy_files: list[Path]
     skipped_files: list[str]
     warnings: list[str] = field(default_factory=list)
-    #: base tensor name -> its shape in the output, where an adapter's copy resizes it (tokens added).
-    resized: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: config.json fields the output changes (``vocab_size`` when the vocabulary was resized).
     config_updates: dict[str, Any] = field(default_factory=dict)
 
@@ -102,9 +100,16 @@ class MergePlan:
         """The dtype ``info``'s tensor has in the output."""
         return self.dtype if self.dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
 
+    def replacement(self, name: str) -> Replacement | None:
+        """The adapter's copy that replaces tensor ``name``, if any: always its first step (the planner refuses
+        a replacement after other changes to the same tensor)."""
+        steps = self.targets.get(name)
+        return steps[0] if steps and isinstance(steps[0], Replacement) else None
+
     def out_shape(self, info: TensorInfo) -> tuple[int, ...]:
-        """The shape ``info``'s tensor has in the output."""
-        return self.resized.get(info.name, info.shape)
+        """The shape ``info``'s tensor has in the output: its replacement's (tokens added), else the base's."""
+        replaced = self.replacement(info.name)
+        return tuple(replaced.value.shape) if replaced is not None else info.shape
 
     def out_numel(self, info: TensorInfo) -> int:
         """The number of elements ``info``'s tensor has in the output."""
@@ -456,15 +461,15 @@ class _Planner:
                 "to compute with it"
             )
 
-    def vocabulary(self) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-        """The resized tensors and config.json's new ``vocab_size``; refuses a vocabulary resized on one side only.
+    def vocabulary(self) -> dict[str, Any]:
+        """config.json's new ``vocab_size``, if any; refuses a vocabulary resized on one side only.
 
         ``resize_token_embeddings`` gives the input embedding and an untied output layer new rows
         together; an adapter that carries only one of them leaves the other's new rows unknown.
         """
         resized = {key: shape for key, shape in self.shapes.items() if shape != tuple(self.tensors[key][1])}
         if not resized:
-            return {}, {}
+            return {}
         sides = [key for key in self.tensors if is_vocabulary_tensor(key, self.tensors)]
         rows = {key: self.shapes[key][0] for key in sides}
         if len(set(rows.values())) > 1:
@@ -480,7 +485,7 @@ class _Planner:
         config = self.model.config or {}
         if embedding in resized and isinstance(config.get("vocab_size"), int):
             updates["vocab_size"] = resized[embedding][0]
-        return resized, updates
+        return updates
 
 
 def _other_files(base_dir: Path, shards: Sequence[Path]) -> tuple[list[Path], list[str]]:
@@ -534,7 +539,7 @@ def build_plan(
     for i, adapter in enumerate(adapters):
         planner.plan_adapter(i, adapter)
     targets = planner.targets
-    resized, config_updates = planner.vocabulary()
+    config_updates = planner.vocabulary()
     if config_updates and config is None:
         config = model.require_config()
     # A tensor's additions run in float64 when it or its output is float64, else in float32: the tighter range decides.
@@ -553,7 +558,6 @@ def build_plan(
         copy_files=copy,
         skipped_files=skipped,
         warnings=[*doubts, *planner.warnings],
-        resized=resized,
         config_updates=config_updates,
     )
 

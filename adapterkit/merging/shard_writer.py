@@ -284,15 +284,11 @@ def _write_tensor(
     in_size, out_size = DTYPE_SIZES[info.dtype], DTYPE_SIZES[out_code]
     in_dtype, out_dtype = torch_dtype(info.dtype), torch_dtype(out_code)
     compute = torch.float64 if "F64" in (info.dtype, out_code) else torch.float32
-    source: Replacement | None = None
+    source = plan.replacement(info.name)
     prepared: list[PreparedStep] = []
     shape = plan.out_shape(info)
     if steps:
-        # Steps before the last replacement act on values it discards (the plan refuses that across adapters).
-        last = max((i for i, step in enumerate(steps) if isinstance(step, Replacement)), default=-1)
-        if last >= 0:
-            source = steps[last]  # type: ignore[assignment]
-        prepared = prepare_steps(steps[last + 1 :], streams.device, compute)
+        prepared = prepare_steps(steps, streams.device, compute)  # the replacement is the source, not a step
         rows = shape[0] if shape else 1
         cols = plan.out_numel(info) // max(rows, 1)
     else:
