@@ -22,6 +22,7 @@ from adapterkit.errors import AdapterFormatError, UnsupportedAdapterError
 __all__ = [
     "DELTA_CHANGING_FIELDS",
     "KEY_PREFIX",
+    "MERGEABLE_FIELDS",
     "ModuleSpec",
     "canonical_config",
     "carried_features",
@@ -62,6 +63,9 @@ DELTA_CHANGING_FIELDS = (
 #: factors from the base, LoftQ replaces it with a quantised residual). The effective change to the original
 #: base is then ``scaling * B @ A`` minus something adapterkit cannot know, so deltas are refused.
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+#: Fields whose tensors ``merge`` applies as PEFT does (:mod:`adapterkit.merging.steps`), though the change is
+#: not (only) ``scaling * B @ A``.
+MERGEABLE_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices")
 #: Fields that bring tensors or structure beyond the LoRA factors; carried through unchanged.
 _CARRIED_FIELDS = ("modules_to_save", "trainable_token_indices", "layer_replication", *DELTA_CHANGING_FIELDS)
 

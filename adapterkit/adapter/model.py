@@ -18,6 +18,7 @@ import torch
 
 from adapterkit.adapter.config import (
     KEY_PREFIX,
+    MERGEABLE_FIELDS,
     ModuleSpec,
     carried_features,
     delta_blockers,
@@ -30,9 +31,6 @@ from adapterkit.errors import AdapterFormatError, CompositionError, UnsupportedA
 from adapterkit.files.safetensors import parse_header, serialize
 
 __all__ = ["Adapter", "LoraModule", "check_weights", "dtype_name", "tensors_from_buffer", "tensors_to_bytes"]
-
-#: Delta-changing fields whose adapters ``merge`` applies all the same (DoRA norms, lora_B's bias).
-_MERGED_ANYWAY = ("use_dora", "lora_bias")
 
 
 def dtype_name(tensor: torch.Tensor, key: str) -> str:
@@ -176,7 +174,7 @@ class Adapter:
             which = f"adapter {self.digest[:19]}" if self.digest else "this adapter"
             if blocking[0] == "use_dora":
                 after = DORA_NOT_A_DELTA
-            elif blocking[0] in _MERGED_ANYWAY:
+            elif blocking[0] in MERGEABLE_FIELDS:
                 after = "it can be stored, exported, attached and merged, but not composed"
             else:
                 after = "it can be stored and exported, but not composed or merged"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.adapter.config import KEY_PREFIX, carried_features, delta_blockers
+from adapterkit.adapter.config import KEY_PREFIX, MERGEABLE_FIELDS, carried_features, delta_blockers
 from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, all_finite, parse_dtype, torch_dtype
 from adapterkit.adapter.extras import Extra, classify_extras
 from adapterkit.adapter.model import check_weights
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_NAME",
-    "MERGEABLE_FIELDS",
     "Contribution",
     "MergePlan",
     "build_plan",
@@ -62,8 +61,6 @@ CONFIG_NAME = "config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 #: tensor name -> (dtype, shape), as :func:`~adapterkit.base_model.fingerprint` lists a base's tensors.
 _Shapes = dict[str, tuple[str, tuple[int, ...]]]
-#: Config fields whose tensors merge applies (:mod:`adapterkit.merging.steps`), where other tools refuse them.
-MERGEABLE_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices")
 _MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 #: Kinds of extra tensor (:mod:`adapterkit.adapter.extras`) that take the place of base values.
 _REPLACING = ("modules_to_save", "trained_bias", "trainable_tokens")
