@@ -26,7 +26,16 @@ from typing import Any
 
 from adapterkit.adapter.config import KEY_PREFIX
 
-__all__ = ["DORA_NOT_A_DELTA", "EXTRA_KINDS", "Extra", "classify_extras", "extras_by_kind", "token_counts"]
+__all__ = [
+    "DORA_NOT_A_DELTA",
+    "EXTRA_KINDS",
+    "REPLACING_KINDS",
+    "WEIGHT_ONE_REASONS",
+    "Extra",
+    "classify_extras",
+    "extras_by_kind",
+    "token_counts",
+]
 
 #: Why a DoRA adapter has no delta to compose, and the way to one (compose and ``Adapter.delta`` say it).
 DORA_NOT_A_DELTA = (
@@ -34,6 +43,15 @@ DORA_NOT_A_DELTA = (
     "low-rank delta that can be blended; to compose it, merge it into the base (adapterkit merge) and extract a "
     "plain LoRA from the result (adapterkit extract --base BASE --tuned MERGED)"
 )
+
+#: Kinds whose tensors take the place of base values instead of adding to them: merged and attached at weight 1.
+REPLACING_KINDS = ("modules_to_save", "trained_bias", "trainable_tokens")
+#: Why an adapter that sets norms (``dora``) or replaces values (``replace``) has no meaning at a weight other
+#: than 1: merge and attach give the same reason.
+WEIGHT_ONE_REASONS = {
+    "dora": "its magnitude vectors set each feature's norm outright, so a weight has no defined meaning",
+    "replace": "it replaces the base's values instead of adding to them, so a weight has no defined meaning",
+}
 
 #: Every kind, in the order ``show`` lists them.
 EXTRA_KINDS = (

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import KEY_PREFIX, MERGEABLE_FIELDS, carried_features, delta_blockers
 from adapterkit.adapter.dtypes import DTYPE_SIZES, FLOAT_DTYPES, all_finite, parse_dtype, torch_dtype
-from adapterkit.adapter.extras import Extra, classify_extras
+from adapterkit.adapter.extras import REPLACING_KINDS, WEIGHT_ONE_REASONS, Extra, classify_extras
 from adapterkit.adapter.model import check_weights
 from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.base_model import (
@@ -62,13 +62,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 #: tensor name -> (dtype, shape), as :func:`~adapterkit.base_model.fingerprint` lists a base's tensors.
 _Shapes = dict[str, tuple[str, tuple[int, ...]]]
 _MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
-#: Kinds of extra tensor (:mod:`adapterkit.adapter.extras`) that take the place of base values.
-_REPLACING = ("modules_to_save", "trained_bias", "trainable_tokens")
-#: Why an adapter that replaces values or sets norms merges at weight 1 only.
-_WEIGHT_ONE = {
-    "dora": "its magnitude vectors set each feature's norm outright, so a weight has no defined meaning",
-    "replace": "it replaces the base's values instead of adding to them, so a weight has no defined meaning",
-}
 
 
 @dataclass(frozen=True)
@@ -212,13 +205,13 @@ class _Planner:
         if weight != 1.0 and dora:
             raise UnsupportedAdapterError(
                 f"{label} is a DoRA adapter (field 'use_dora'): it merges at weight 1 only, since "
-                f"{_WEIGHT_ONE['dora']}; got weight {weight:g}"
+                f"{WEIGHT_ONE_REASONS['dora']}; got weight {weight:g}"
             )
-        replacing = [extra for extra in extras if extra.kind in _REPLACING]
+        replacing = [extra for extra in extras if extra.kind in REPLACING_KINDS]
         if weight != 1.0 and replacing:
             raise UnsupportedAdapterError(
                 f"{label} carries {self._replaces_what(adapter, replacing[0])}: it merges at weight 1 only, since "
-                f"{_WEIGHT_ONE['replace']}; got weight {weight:g}"
+                f"{WEIGHT_ONE_REASONS['replace']}; got weight {weight:g}"
             )
         for extra in extras:
             value = adapter.extra_tensors[extra.key]
@@ -231,7 +224,7 @@ class _Planner:
                 )
             if extra.kind == "trainable_tokens":
                 self._plan_tokens(i, adapter, extra, value)
-            elif extra.kind in _REPLACING:
+            elif extra.kind in REPLACING_KINDS:
                 self._plan_copy(i, adapter, extra, value)
         self._plan_modules(i, adapter)
         for extra in extras:

@@ -48,8 +48,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.adapter.config import carried_features, delta_blockers
-from adapterkit.adapter.extras import Extra, classify_extras
+from adapterkit.adapter.config import MERGEABLE_FIELDS, carried_features
+from adapterkit.adapter.extras import WEIGHT_ONE_REASONS, Extra, classify_extras
 from adapterkit.adapter.model import check_weights
 from adapterkit.base_identity import BaseIdentity, reconcile
 from adapterkit.errors import InvalidInputError, UnsupportedAdapterError
@@ -97,19 +97,11 @@ def _model_identity(model: Any) -> BaseIdentity:
     return BaseIdentity(label="the model", name=name if isinstance(name, str) and name else None, is_base=True)
 
 
-#: Config fields whose tensors PEFT runs stacked (see the module docstring); other fields that change a module's
-#: change (``delta_blockers``) or bring structure (``layer_replication``) run only alone at weight 1.
-_STACKABLE_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices")
-#: Extra tensors that replace base values instead of adding to them: weight 1 only.
+#: How attach's messages name each kind of tensor that replaces base values (``REPLACING_KINDS``): weight 1 only.
 _REPLACING = {
     "modules_to_save": "a modules_to_save copy of",
     "trained_bias": "a trained bias of",
     "trainable_tokens": "trainable tokens of",
-}
-#: Why an adapter that sets norms or replaces values attaches at weight 1 only (worded as merge words it).
-_WEIGHT_ONE = {
-    "dora": "its magnitude vectors set each feature's norm outright, so a weight has no defined meaning",
-    "replace": "it replaces the base's values instead of adding to them, so a weight has no defined meaning",
 }
 
 
@@ -121,8 +113,8 @@ def _overlaps(first: str, second: str) -> bool:
 def _check_alone(index: int, adapter: Adapter, weight: float, extras: list[Extra]) -> None:
     """Refuse what PEFT cannot run stacked or weighted for this adapter on its own account."""
     name = f"adapter {index + 1}"
-    blocking = [f for f in delta_blockers(adapter.config) if f not in _STACKABLE_FIELDS]
-    blocking += [f for f in carried_features(adapter.config) if f not in _STACKABLE_FIELDS and f not in blocking]
+    # carried_features holds every delta_blockers field too; MERGEABLE_FIELDS are the ones PEFT runs stacked
+    blocking = [f for f in carried_features(adapter.config) if f not in MERGEABLE_FIELDS]
     if blocking:
         raise UnsupportedAdapterError(
             f"{name} sets {blocking[0]!r}: its change is not scaling * B @ A, so it cannot be weighted or stacked "
@@ -138,14 +130,14 @@ def _check_alone(index: int, adapter: Adapter, weight: float, extras: list[Extra
         return
     if adapter.config.get("use_dora"):
         raise UnsupportedAdapterError(
-            f"{name} is a DoRA adapter (field 'use_dora'): it attaches at weight 1 only, since {_WEIGHT_ONE['dora']}; "
-            f"got weight {weight:g}"
+            f"{name} is a DoRA adapter (field 'use_dora'): it attaches at weight 1 only, since "
+            f"{WEIGHT_ONE_REASONS['dora']}; got weight {weight:g}"
         )
     for extra in extras:
         if extra.kind in _REPLACING:
             raise UnsupportedAdapterError(
                 f"{name} carries {_REPLACING[extra.kind]} {extra.module!r}: it attaches at weight 1 only, since "
-                f"{_WEIGHT_ONE['replace']}; got weight {weight:g}"
+                f"{WEIGHT_ONE_REASONS['replace']}; got weight {weight:g}"
             )
 
 
@@ -207,13 +199,19 @@ def _check_loading(
 ) -> None:
     """Refuse what PEFT would load wrongly or not at all into ``model`` in ``order``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import TrainableTokensWrapper
+
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:  # a PEFT before trainable tokens (< 0.15): no model holds them
+        TrainableTokensWrapper = None  # type: ignore[assignment,misc]
 
     taken: set[str] = set()  # modules some PEFT layer wraps before the next adapter is loaded
     if wrapped:
         inner = model.base_model.model
         taken = {name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)}
-        if any(isinstance(module, TrainableTokensWrapper) for module in inner.modules()):
+        if TrainableTokensWrapper is not None and any(
+            isinstance(module, TrainableTokensWrapper) for module in inner.modules()
+        ):
             raise UnsupportedAdapterError(
                 "the model already holds trainable tokens: PEFT cannot load another adapter after them; "
                 "attach every adapter in one call, to the plain model"
