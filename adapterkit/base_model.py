@@ -38,6 +38,7 @@ __all__ = [
     "read_base_config",
     "read_base_headers",
     "resolve_target",
+    "structure_digest",
     "tied_embedding",
 ]
 
@@ -160,6 +161,11 @@ def base_weight_key(module: str, tensors: dict[str, tuple[str, tuple[int, ...]]]
     return matches[0] if len(matches) == 1 else None
 
 
+def structure_digest(tensors: Shapes) -> str:
+    """The structure fingerprint of a tensor table: the digest of its sorted ``[name, dtype, shape]`` rows."""
+    return _digest([[name, dtype, list(shape)] for name, (dtype, shape) in sorted(tensors.items())])
+
+
 def is_vocabulary_tensor(name: str, tensors: Shapes) -> bool:
     """Whether ``name`` has one row per token: the input embedding or an output layer (``lm_head``)."""
     module = name.rsplit(".", 1)[0]
@@ -243,9 +249,7 @@ class BaseModel:
         self.tensors: Shapes = {
             name: (info.dtype, info.shape) for header in headers.values() for name, info in header.tensors.items()
         }
-        self.structure_digest = _digest(
-            [[name, dtype, list(shape)] for name, (dtype, shape) in sorted(self.tensors.items())]
-        )
+        self.structure_digest = structure_digest(self.tensors)
         self.index: dict[str, Any] | None = None
         if (path / INDEX_NAME).is_file():  # read_base_headers took the shards from it, so it is valid JSON
             self.index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))

@@ -17,8 +17,6 @@ problem, because PEFT and vLLM would silently leave it out.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -26,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from adapterkit.adapter.config import KEY_PREFIX, ModuleSpec
-from adapterkit.base_model import OUTPUT_EMBEDDINGS, BaseModel, input_embedding, open_base
+from adapterkit.base_identity import repo_id
+from adapterkit.base_model import (
+    OUTPUT_EMBEDDINGS,
+    BaseModel,
+    is_vocabulary_tensor,
+    open_base,
+    structure_digest,
+)
 
 if TYPE_CHECKING:
     from adapterkit.store import Store
@@ -82,11 +87,6 @@ class CheckReport:
         }
 
 
-def _digest(items: list[list[object]]) -> str:
-    raw = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
 def _short(digest: str) -> str:
     return digest[:19]
 
@@ -94,10 +94,8 @@ def _short(digest: str) -> str:
 def _same_model_in(base: BaseModel, recorded: str) -> str | None:
     """The float dtype in which this base's tensors hash to ``recorded``, if converting explains the mismatch."""
     for dtype in _FLOAT_DTYPES:
-        items = [
-            [name, dtype if d in _FLOAT_DTYPES else d, list(shape)] for name, (d, shape) in sorted(base.tensors.items())
-        ]
-        if _digest(items) == recorded:
+        converted = {name: (dtype if d in _FLOAT_DTYPES else d, shape) for name, (d, shape) in base.tensors.items()}
+        if structure_digest(converted) == recorded:
             return dtype
     return None
 
@@ -143,7 +141,8 @@ def _base_identity(problems: list[Problem], recorded: Mapping[str, Any] | None, 
             )
     hub_name, hub_revision = _hub_name_and_revision(base)
     name = recorded.get("name")
-    if isinstance(name, str) and _HUB_ID.match(name) and hub_name and hub_name != name:
+    recorded_id = repo_id(name) if isinstance(name, str) else None
+    if recorded_id and hub_name and hub_name.lower() != recorded_id:  # Hub ids compare case-insensitively
         problems.append(
             Problem("name", None, f"base name: the adapter was trained on {name!r}, the base is {hub_name!r}")
         )
@@ -211,8 +210,7 @@ def _vocab_size(base: BaseModel) -> int | None:
 
 
 def _is_vocab_module(spec: ModuleSpec, key: str, base: BaseModel) -> bool:
-    embedding = input_embedding(base.tensors)
-    return spec.kind == "embedding" or key == embedding or key.rsplit(".", 2)[-2] in OUTPUT_EMBEDDINGS
+    return spec.kind == "embedding" or is_vocabulary_tensor(key, base.tensors)
 
 
 def _check_shape(problems: list[Problem], spec: ModuleSpec, key: str, base: BaseModel) -> None:

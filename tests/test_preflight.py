@@ -202,3 +202,16 @@ def test_cli_check_exit_codes_and_json(made: dict[str, Path], tmp_path: Path) ->
     assert doc.exit_code == 1
     parsed = json.loads(doc.output)
     assert parsed["ok"] is False and [p["kind"] for p in parsed["problems"]] == ["missing", "missing"]
+
+
+def test_a_hub_name_differing_only_in_case_is_the_same_base(tmp_path: Path) -> None:
+    """Hub ids compare case-insensitively (base_identity.repo_id), as merge and compose compare them."""
+    from adapterkit.checking import check_modules
+
+    cache = tmp_path / "models--Org--Tiny-Llama" / "snapshots" / "0123abc"
+    save_base(tiny_llama(), cache)
+    base = BaseModel.open(cache)
+    recorded = {"name": "org/tiny-llama", "structure_digest": base.structure_digest}
+    assert not [p for p in check_modules([], {}, recorded, base).problems if p.kind == "name"]
+    other = {"name": "org/other-llama", "structure_digest": base.structure_digest}
+    assert [p.kind for p in check_modules([], {}, other, base).problems] == ["name"]
