@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,20 +23,7 @@ from adapterkit.adapter.dtypes import all_finite
 from adapterkit.adapter.model import Adapter, LoraModule
 from adapterkit.errors import ExportError
 
-__all__ = ["common_scaling", "fold_into_b", "pad_rank", "refuse_non_lora_deltas", "single_threaded"]
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """torch on one thread for the block (restored after): rewriting factors is many small tensor
-    operations, which torch's thread pool slows down, badly so on a busy machine (measured: a GGUF
-    export of an 8B-sized adapter took 17 s with two threads on a loaded 2-core machine, 3 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+__all__ = ["common_scaling", "fold_into_b", "pad_rank", "refuse_non_lora_deltas"]
 
 
 def refuse_non_lora_deltas(adapter: Adapter, what: str) -> None:

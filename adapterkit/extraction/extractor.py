@@ -41,7 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adapterkit.errors import ExtractionError, InvalidInputError
+from adapterkit.devices import resolve_device, single_threaded
+from adapterkit.errors import ExtractionError
 from adapterkit.extraction.lowrank import (
     Spectrum,
     allocate_budget,
@@ -96,20 +97,6 @@ class _Factored:
     kept: float
     #: ``||D||_F``, the size of the module's change
     norm: float
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    import torch
-
-    if device is None:
-        return torch.device("cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"device {str(device)!r} is not a torch device ({exc})") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {str(device)!r} is not available (torch sees no CUDA GPU)")
-    return chosen
 
 
 class _Extraction:
@@ -374,20 +361,14 @@ def extract(
         keep_changed=keep_changed,
         dtype=str(dtype) if dtype is not None else None,
     )
-    import torch
-
-    chosen = _device(device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reader thread takes the other core; see the module's docstring
-    try:
-        with ModelPair(plan.base_tensors, plan.tuned_tensors) as pair:
-            run = _Extraction(plan, pair, chosen)
-            run.first_pass(progress)
-            if plan.selection.budget is not None and run.spectra:
-                run.finish_budget(run.fit_budget())
-            carried = _carry(plan, pair, run) if keep_changed else {}
-    finally:
-        torch.set_num_threads(threads)
+    chosen = resolve_device(device)
+    # one torch thread: the reader thread takes the other core; see the module's docstring
+    with single_threaded(), ModelPair(plan.base_tensors, plan.tuned_tensors) as pair:
+        run = _Extraction(plan, pair, chosen)
+        run.first_pass(progress)
+        if plan.selection.budget is not None and run.spectra:
+            run.finish_budget(run.fit_budget())
+        carried = _carry(plan, pair, run) if keep_changed else {}
     return _assemble(plan, run, carried, content_digest)
 
 

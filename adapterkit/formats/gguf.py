@@ -260,7 +260,7 @@ class GgufFormat(Format):
         """Write ``adapter`` as ``dest/adapter.gguf`` (or as ``dest`` itself when it ends in ``.gguf``)."""
         import torch
 
-        from adapterkit.adapter.transforms import single_threaded
+        from adapterkit.devices import single_threaded
 
         opts = self.check_options(options)
         if opts["base"] is None:

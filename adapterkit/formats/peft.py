@@ -298,7 +298,8 @@ class PeftFormat(Format):
     def write(self, adapter: Adapter, dest: Path, **options: Any) -> ExportResult:
         """Write a PEFT folder (padded with ``pad_rank``), then re-read it and certify every module's delta."""
         from adapterkit.adapter.equivalence import compare_adapters
-        from adapterkit.adapter.transforms import pad_rank, single_threaded
+        from adapterkit.adapter.transforms import pad_rank
+        from adapterkit.devices import single_threaded
 
         opts = self.check_options(options)
         with single_threaded():
